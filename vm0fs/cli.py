@@ -1,0 +1,258 @@
+"""Command-line entry point: argument parsing and user-facing messages only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vm0fs import __version__
+
+DEFAULT_API_URL = "https://api.vm0.ai"
+READY_TIMEOUT = 60.0  # seconds the background mount may take to answer
+
+MOUNT_EXAMPLES = """examples:
+  export VM0_API_KEY=vm0_live_...
+  vm0fs mount ~/vm0                      # returns once the mount answers
+  vm0fs mount ~/vm0 --foreground --debug # stay in the foreground, log to stderr
+  vm0fs mount ~/vm0 --cache-size 20G --metadata-ttl 30
+  ls ~/vm0/artifacts/<name>/current/
+"""
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1.5T', '4096' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)")
+    number, unit = match.groups()
+    power = "kmgtp".index(unit.lower()) + 1 if unit else 0
+    return int(float(number) * 1024**power)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vm0fs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vm0fs", description="vm0 artifacts as a read-only filesystem.")
+    parser.add_argument("--version", action="version", version=f"vm0fs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount", help="mount the artifacts at MOUNTPOINT", epilog=MOUNT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mount vm0 artifacts read-only. The API key comes from VM0_API_KEY.")
+    mount.add_argument("mountpoint", type=Path, help="an existing, empty directory")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="serve in the foreground until unmounted or interrupted")
+    mount.add_argument("--api-url", default=None,
+                       help=f"API base URL (default: $VM0_API_URL or {DEFAULT_API_URL})")
+    mount.add_argument("--cache-dir", type=Path, default=None,
+                       help="cache folder (default: $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
+    mount.add_argument("--metadata-ttl", type=float, default=60.0, metavar="SECONDS",
+                       help="how long listings are cached (default: 60)")
+    mount.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
+                       help="cap the cache, e.g. 10G (default: no cap)")
+    mount.add_argument("--max-version-size", type=parse_size, default=None, metavar="SIZE",
+                       help="refuse versions that expand past SIZE (default: the cache cap "
+                            "and the free disk space)")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users see the files (needs user_allow_other in "
+                            "/etc/fuse.conf unless root)")
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTION",
+                       help="extra FUSE mount option (repeatable)")
+    mount.add_argument("--debug", action="store_true", help="log every step")
+    mount.add_argument("--log-file", type=Path, default=None,
+                       help="log here (default: stderr in the foreground, "
+                            "CACHE_DIR/vm0fs.log in the background)")
+    mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    mount.add_argument("--key-from-stdin", action="store_true", help=argparse.SUPPRESS)
+
+    umount = commands.add_parser("unmount", aliases=["umount"], help="unmount a vm0fs mount")
+    umount.add_argument("mountpoint", type=Path)
+    umount.add_argument("-z", "--lazy", action="store_true",
+                        help="detach now even if busy; cleaned up when no longer used")
+
+    commands.add_parser("dev-server", help="run a local Artifacts API server (see --help)",
+                        add_help=False)
+    return parser
+
+
+def setup_logging(debug: bool, log_file: Path | None) -> None:
+    if log_file is not None:  # owner-only: logs name artifacts and paths
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # httpx logs whole URLs, and presigned URLs are credentials.
+    for noisy in ("httpx", "httpcore", "trio", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str) -> int:
+    print(f"vm0fs: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
+    from vm0fs.errors import Vm0fsError
+    from vm0fs.mount import MountConfig, MountError, check_mountpoint, serve
+
+    key = sys.stdin.readline().strip() if args.key_from_stdin else os.environ.get("VM0_API_KEY")
+    if not key:
+        return _report(args, "no API key: set VM0_API_KEY")
+    config = MountConfig(
+        mountpoint=args.mountpoint.expanduser().absolute(),
+        api_url=(args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/"),
+        api_key=key,
+        cache_dir=(args.cache_dir or default_cache_dir()).expanduser().absolute(),
+        metadata_ttl=args.metadata_ttl,
+        cache_size=args.cache_size,
+        max_version_size=args.max_version_size,
+        allow_other=args.allow_other,
+        fuse_options=args.options,
+    )
+    if not args.foreground:
+        try:
+            check_mountpoint(config.mountpoint)
+        except MountError as exc:
+            return fail(str(exc))
+        return _mount_in_background(args, config)
+
+    setup_logging(args.debug, args.log_file)
+
+    def ready() -> None:
+        _report(args, None)
+
+    try:
+        trio.run(serve, config, ready)
+    except KeyboardInterrupt:
+        return 0
+    except Vm0fsError as exc:
+        logging.getLogger("vm0fs").debug("mount failed", exc_info=True)
+        return _report(args, str(exc))
+    return 0
+
+
+def _report(args: argparse.Namespace, error: str | None) -> int:
+    """Tell the waiting parent (background mode) or the user how the start went."""
+    if args.ready_fd is not None:
+        try:
+            os.write(args.ready_fd, b"ready\n" if error is None else f"error {error}\n".encode())
+            os.close(args.ready_fd)
+        except OSError:
+            pass
+        args.ready_fd = None
+    if error is None:
+        return 0
+    return fail(error)
+
+
+def _mount_in_background(args: argparse.Namespace, config: object) -> int:
+    """Start `vm0fs mount --foreground` detached and wait until it answers or fails."""
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
+    log_file = (args.log_file or cache_dir / "vm0fs.log").expanduser().absolute()
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    except OSError as exc:
+        return fail(f"cannot write the log file {log_file}: {exc.strerror}")
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "vm0fs.cli", "mount", str(args.mountpoint.expanduser()
+                                                              .absolute()),
+            "--foreground", "--key-from-stdin", "--ready-fd", str(write_end),
+            "--log-file", str(log_file), "--metadata-ttl", str(args.metadata_ttl),
+            "--cache-dir", str(cache_dir)]
+    if args.api_url:
+        argv += ["--api-url", args.api_url]
+    for flag, value in (("--cache-size", args.cache_size),
+                        ("--max-version-size", args.max_version_size)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--allow-other"] if args.allow_other else []
+    argv += ["--debug"] if args.debug else []
+    for option in args.options:
+        argv += ["-o", option]
+    # The key goes through a pipe, not the environment or argv: `ps e` would show those.
+    env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
+                             pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    log.close()
+    assert child.stdin is not None
+    child.stdin.write(f"{config.api_key}\n".encode())  # type: ignore[attr-defined]
+    child.stdin.close()
+    message = _wait_ready(read_end, child)
+    if message == "ready":
+        return 0
+    if message.startswith("error "):
+        return fail(message.removeprefix("error "))
+    return fail(f"the mount process ended without mounting ({message}); see {log_file}")
+
+
+def _wait_ready(fd: int, child: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    try:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([fd], [], [], 0.5)
+            if readable:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+                if b"\n" in data:
+                    return data.split(b"\n", 1)[0].decode(errors="replace")
+            elif child.poll() is not None:
+                break
+        else:
+            return "it did not answer within a minute"
+    finally:
+        os.close(fd)
+    status = child.wait(timeout=5) if child.poll() is None else child.returncode
+    return f"exit status {status}"
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from vm0fs.mount import MountError, unmount
+
+    try:
+        unmount(args.mountpoint.expanduser().absolute(), lazy=args.lazy)
+    except MountError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "dev-server":
+        from vm0fs import devserver
+
+        return devserver.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "mount":
+        return cmd_mount(args)
+    if args.command in ("unmount", "umount"):
+        return cmd_unmount(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

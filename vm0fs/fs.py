@@ -1,0 +1,487 @@
+"""The `pyfuse3.Operations` of vm0fs: the only place that raises `FUSEError`.
+
+    /                               root
+    /artifacts/                     one folder per artifact (listing)
+    /artifacts/<name>/              one folder per version (listing), `current` symlink,
+                                    and any unique id prefix of 8+ hex characters as a symlink
+    /artifacts/<name>/<version>/... the archive's contents (downloaded on first look inside)
+
+Every handler maps every failure to an errno: an exception that escaped would kill the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from vm0fs.api import Artifact, Version
+from vm0fs.cache import Cache
+from vm0fs.errors import Unauthorized, errno_for
+from vm0fs.meta import Listings
+from vm0fs.tree import Dir, File, Link, Node
+from vm0fs.versions import VersionState, VersionStore
+
+log = logging.getLogger("vm0fs.fs")
+
+CONTENT_TIMEOUT = 24 * 3600.0  # version contents never change
+BLOCK_SIZE = 128 * 1024
+HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
+MIN_NOWAIT_READ = 0  # reads first try the page cache without blocking (RWF_NOWAIT)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn every failure of a handler into a FUSEError with the right errno."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Unauthorized as exc:
+            log.error("the API rejected the key (%s): check VM0_API_KEY", exc)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except Exception as exc:  # noqa: BLE001 - the mount must never die
+            code = errno_for(exc)
+            if code == errno.EIO and not isinstance(exc, OSError):
+                log.warning("%s failed: %s", handler.__name__, exc,
+                            exc_info=not hasattr(exc, "errno"))
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def ns(timestamp: float) -> int:
+    return int(timestamp * 1e9)
+
+
+def safe_name(name: str) -> str:
+    """A file name for an artifact name: '/' and NUL cannot appear, '.' and '..' are taken.
+
+    Replacements follow rclone: '/' -> '／' (U+FF0F), NUL -> '␀' (U+2400), a name of only
+    dots -> the same number of '．' (U+FF0E).
+    """
+    name = name.replace("/", "\uff0f").replace("\0", "\u2400")
+    if name in (".", ".."):
+        name = "\uff0e" * len(name)
+    return name
+
+
+def folder_names(artifacts: list[Artifact]) -> dict[str, Artifact]:
+    """Folder name -> artifact. Names shared by several artifacts all become `name@<id>`."""
+    safe = [(safe_name(a.name), a) for a in artifacts]
+    counts = Counter(name for name, _ in safe)
+    names: dict[str, Artifact] = {}
+    for name, artifact in safe:
+        if counts[name] > 1 or not name or len(name.encode()) > 255:
+            name = f"{name}@{artifact.id}"
+        names[name] = artifact
+    return names
+
+
+class ArtifactsDir(Dir):
+    __slots__ = ("listing",)
+
+    def __init__(self, inode: int, parent: Dir) -> None:
+        super().__init__(inode, 0o555, parent=parent)
+        self.listing: list[Artifact] | None = None  # the listing `children` was built from
+
+
+class ArtifactDir(Dir):
+    __slots__ = ("artifact", "listing", "current", "aliases")
+
+    def __init__(self, inode: int, artifact: Artifact, parent: Dir) -> None:
+        super().__init__(inode, 0o555, ns(artifact.updated_at), parent)
+        self.artifact = artifact
+        self.listing: list[Version] | None = None
+        self.current: Link | None = None
+        self.aliases: dict[str, Link] = {}  # id prefixes looked up so far
+
+
+class VersionDir(Dir):
+    __slots__ = ("artifact_id", "version", "state")
+
+    def __init__(self, inode: int, artifact_id: str, version: Version, parent: Dir) -> None:
+        super().__init__(inode, 0o555, ns(version.created_at), parent)
+        self.artifact_id = artifact_id
+        self.version = version
+        self.state: VersionState | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, listings: Listings, store: VersionStore, cache: Cache, *,
+                 metadata_ttl: float, uid: int | None = None, gid: int | None = None) -> None:
+        super().__init__()
+        self.listings = listings
+        self.store = store
+        self.cache = cache
+        self.ttl = metadata_ttl
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.table = store.table
+        self.mounted_at = time.time()
+        self.root = Dir(pyfuse3.ROOT_INODE, 0o555, ns(self.mounted_at))
+        self.table.register(self.root)
+        self.artifacts_dir = ArtifactsDir(self.table.new_inode(), self.root)
+        self.artifacts_dir.mtime_ns = self.root.mtime_ns
+        self.root.children["artifacts"] = self.table.register(self.artifacts_dir)
+        self._artifact_dirs: dict[str, ArtifactDir] = {}
+        self._version_dirs: dict[tuple[str, str], VersionDir] = {}
+        self._handles: dict[int, Any] = {}
+        self._next_handle = 1
+
+    # -- attributes --------------------------------------------------------------------
+
+    def _timeout(self, node: Node) -> float:
+        """How long the kernel may keep what we say about `node`."""
+        owner = getattr(node, "owner", None)
+        if owner is None:  # listing folders, `current` and id prefixes follow the listings
+            return self.ttl
+        # While a version streams in, a later member may still replace an entry.
+        return CONTENT_TIMEOUT if owner.tree_complete else 0.0
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.attrs is not None:
+            return node.attrs
+        timeout = self._timeout(node)
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.generation = 0
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        attrs.st_mode = node.mode
+        attrs.st_nlink = 1  # unknown link count: keeps find from guessing subfolder counts
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_rdev = 0
+        attrs.st_size = node.size
+        attrs.st_blksize = BLOCK_SIZE
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
+        if timeout == CONTENT_TIMEOUT:
+            node.attrs = attrs  # version contents never change
+        return attrs
+
+    def _negative(self, timeout: float) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = 0  # "no such entry", cached by the kernel for entry_timeout
+        attrs.entry_timeout = timeout
+        return attrs
+
+    # -- listings ----------------------------------------------------------------------
+
+    async def _refresh_artifacts(self) -> None:
+        listing = await self.listings.artifacts()
+        folder = self.artifacts_dir
+        if listing is folder.listing:
+            return
+        children: dict[str, Node] = {}
+        for name, artifact in folder_names(listing).items():
+            node = self._artifact_dirs.get(artifact.id)
+            if node is None:
+                node = ArtifactDir(self.table.new_inode(), artifact, folder)
+                self._artifact_dirs[artifact.id] = node
+                self.table.register(node)
+            elif node.artifact != artifact:
+                node.artifact = artifact
+                node.mtime_ns = ns(artifact.updated_at)
+                node.listing = None  # a new current version may have come: list versions again
+            node.attrs = None
+            children[name] = node
+        folder.children = children
+        folder.listing = listing
+        folder.attrs = None
+
+    async def _refresh_versions(self, folder: ArtifactDir) -> None:
+        listing = await self.listings.versions(folder.artifact.id)
+        if listing is folder.listing:
+            return
+        children: dict[str, Node] = {}
+        for version in listing:
+            children[version.id] = self._version_dir(folder, version)
+        current_id = folder.artifact.current_version_id
+        if current_id and current_id not in children and folder.artifact.current_version:
+            # The listing can lag behind the artifact: the current version is still reachable.
+            children[current_id] = self._version_dir(folder, folder.artifact.current_version)
+        if current_id and current_id in children:
+            if folder.current is None:
+                folder.current = self._link(current_id, ns(folder.artifact.updated_at))
+            elif folder.current.target != current_id:
+                folder.current.target = current_id
+            children["current"] = folder.current
+        folder.children = children
+        folder.listing = listing
+        folder.aliases = {p: a for p, a in folder.aliases.items() if a.target in children}
+
+    def _version_dir(self, folder: ArtifactDir, version: Version) -> VersionDir:
+        key = (folder.artifact.id, version.id)
+        node = self._version_dirs.get(key)
+        if node is None:
+            node = VersionDir(self.table.new_inode(), folder.artifact.id, version, folder)
+            self._version_dirs[key] = node
+            self.table.register(node)
+        return node
+
+    def _link(self, target: str, mtime_ns: int) -> Link:
+        link = Link(self.table.new_inode(), target, mtime_ns)
+        self.table.register(link)
+        return link
+
+    def _resolve_prefix(self, folder: ArtifactDir, name: str) -> Link | None:
+        if not HEX_PREFIX.fullmatch(name):
+            return None
+        alias = folder.aliases.get(name)
+        if alias is not None:
+            return alias
+        matches = [vid for vid in folder.children if vid != "current" and vid.startswith(name)]
+        if len(matches) != 1:
+            return None
+        alias = self._link(matches[0], folder.mtime_ns)
+        folder.aliases[name] = alias
+        return alias
+
+    def _state(self, folder: VersionDir) -> VersionState:
+        state = self.store.get(folder.artifact_id, folder.version.id, folder,
+                               ns(folder.version.created_at), folder.version.file_count)
+        if state is not folder.state:
+            folder.state = state
+            folder.attrs = None
+        return state
+
+    async def _children(self, node: Node) -> dict[str, Node]:
+        """The entries of a folder, fetching what they depend on."""
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if node is self.artifacts_dir:
+            await self._refresh_artifacts()
+        elif isinstance(node, ArtifactDir):
+            await self._refresh_artifacts()
+            await self._refresh_versions(node)
+        elif isinstance(node, VersionDir):
+            await self._state(node).wait_tree()
+        elif node.owner is not None:
+            await node.owner.wait_tree()
+        return node.children
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.table.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if not isinstance(parent, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self._entry(parent)
+        if text == "..":
+            return self._entry(self._parent(parent))
+        node = await self._find(parent, text)
+        if node is None:
+            return self._negative(self._negative_timeout(parent))
+        return self._entry(node)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self.attributes(node)
+
+    def _parent(self, node: Dir) -> Dir:
+        return node.parent or self.root
+
+    def _negative_timeout(self, parent: Dir) -> float:
+        if isinstance(parent, VersionDir):
+            state = parent.state
+            return CONTENT_TIMEOUT if state is not None and state.tree_complete else 0.0
+        return self._timeout(parent)
+
+    async def _find(self, parent: Dir, name: str) -> Node | None:
+        if parent is self.root:
+            return parent.children.get(name)
+        if parent is self.artifacts_dir:
+            await self._refresh_artifacts()
+            return parent.children.get(name)
+        if isinstance(parent, ArtifactDir):
+            await self._refresh_artifacts()
+            await self._refresh_versions(parent)
+            return parent.children.get(name) or self._resolve_prefix(parent, name)
+        state = self._state(parent) if isinstance(parent, VersionDir) else parent.owner
+        if state is not None:
+            await state.wait_name(parent, name)
+        return parent.children.get(name)
+
+    @fuse_errors
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.table.forget(inode, count)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if isinstance(node, ArtifactDir) and node.attrs is None:
+            # A stat after the TTL refreshes the artifact (its mtime is updated_at).
+            try:
+                await self._refresh_artifacts()
+            except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here
+                log.debug("getattr refresh failed: %s", exc)
+        return self.attributes(node)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self._node(inode)
+        if not isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = self._node(inode)
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_handle(node)
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if not isinstance(handle, list):  # first call: snapshot the entries
+            children = await self._children(handle)
+            handle = [(os.fsencode(name), node) for name, node in children.items()]
+            self._handles[fh] = handle
+        for index in range(start_id, len(handle)):
+            name, node = handle[index]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(node), index + 1):
+                return
+            node.lookups += 1
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not isinstance(node, File):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        state: VersionState = node.owner
+        if state.error is not None:
+            raise pyfuse3.FUSEError(errno_for(state.error))
+        self.store.opened(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        node = self._handles.get(fh)
+        if not isinstance(node, File):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        if node.sparse is not None:
+            return await self._read_sparse(node, off, end)
+        return await self._read_range(node, node.offset + off, end - off)
+
+    async def _read_range(self, node: File, start: int, length: int) -> bytes | memoryview:
+        state: VersionState = node.owner
+        fd = state.fd
+        if fd is None or not state.data_ready:
+            fd = await state.wait_bytes(start + length)
+        buf = bytearray(length)
+        try:
+            # Served from the page cache without blocking the event loop when possible.
+            got = os.preadv(fd, [buf], start, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        if got < length:
+            got += await trio.to_thread.run_sync(_pread_into, fd, buf, got, start)
+        if got != length:  # never a short read mid-file: pyfuse3 would pad it with zeroes
+            raise OSError(errno.EIO, "cache file is shorter than the index says")
+        return memoryview(buf)
+
+    async def _read_sparse(self, node: File, off: int, end: int) -> bytes:
+        """A sparse member's data is its runs stored back to back; the holes read as zeroes."""
+        out = bytearray(end - off)
+        stored = node.offset
+        assert node.sparse is not None
+        for run_offset, run_length in node.sparse:
+            lo, hi = max(off, run_offset), min(end, run_offset + run_length)
+            if lo < hi:
+                data = await self._read_range(node, stored + lo - run_offset, hi - lo)
+                out[lo - off:hi - off] = data
+            stored += run_length
+        return bytes(out)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        node = self._handles.pop(fh, None)
+        if isinstance(node, File):
+            self.store.released(node)
+
+    @fuse_errors
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        used = await trio.to_thread.run_sync(self.cache.usage)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = 4096
+        data.f_blocks = (used + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.table)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    def _new_handle(self, target: Any) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        self._handles[fh] = target
+        return fh
+
+    # -- everything that would write: read-only ------------------------------------------
+
+    async def setattr(self, *args: Any, **kwargs: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
+    setxattr = removexattr = _read_only
+
+
+def _pread_into(fd: int, buf: bytearray, done: int, start: int) -> int:
+    """Fill `buf[done:]` from `fd` at `start + done`, blocking; return the bytes added."""
+    view = memoryview(buf)
+    total = 0
+    while done + total < len(buf):
+        n = os.preadv(fd, [view[done + total:]], start + done + total)
+        if n == 0:
+            break
+        total += n
+    return total
+

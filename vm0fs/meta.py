@@ -1,0 +1,139 @@
+"""Listings of artifacts and versions: cached for the metadata TTL, refreshed by one request walk
+however many callers wait, and kept as the last known answer (in memory and on disk) so that a
+mount goes on showing what it knew while the API is unreachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import cachetools
+import trio
+
+from vm0fs.api import Artifact, Version
+from vm0fs.errors import Unavailable
+
+log = logging.getLogger("vm0fs.meta")
+
+OFFLINE_BACKOFF = 10.0  # seconds to serve stale listings without asking again after a failure
+
+T = TypeVar("T")
+
+
+class ListingClient(Protocol):
+    async def list_artifacts(self) -> list[Artifact]: ...
+    async def list_versions(self, artifact_id: str) -> list[Version]: ...
+
+
+def listing_namespace(api_url: str, api_key: str) -> str:
+    """Where one account's listings are kept: different keys may see different artifacts."""
+    return hashlib.sha256(f"{api_url}\0{api_key}".encode()).hexdigest()[:16]
+
+
+def _artifact_from_dict(raw: dict[str, Any]) -> Artifact:
+    current = raw.get("current_version")
+    return Artifact(**{**raw, "current_version": Version(**current) if current else None})
+
+
+class Listings:
+    def __init__(self, client: ListingClient, ttl: float, store: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.ttl = ttl
+        self.store = store  # folder for the last known listings, or None
+        self._fresh: cachetools.TTLCache[str, Any] = cachetools.TTLCache(
+            maxsize=100_000, ttl=max(ttl, 1e-9), timer=clock)
+        self._known: dict[str, Any] = {}  # last good answer per key, kept past the TTL
+        self._locks: dict[str, trio.Lock] = {}
+        self._clock = clock
+        self._offline_until = 0.0
+        self.last_error: BaseException | None = None
+        self.stale = False  # the last answer came from the last known listing
+        if store is not None:
+            store.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    async def artifacts(self) -> list[Artifact]:
+        return await self._get("artifacts", self.client.list_artifacts, _artifact_from_dict)
+
+    async def versions(self, artifact_id: str) -> list[Version]:
+        async def fetch() -> list[Version]:
+            return await self.client.list_versions(artifact_id)
+
+        return await self._get(f"versions-{artifact_id}", fetch, lambda raw: Version(**raw))
+
+    def invalidate(self) -> None:
+        self._fresh.clear()
+
+    async def _get(self, key: str, fetch: Callable[[], Awaitable[list[T]]],
+                   decode: Callable[[dict[str, Any]], T]) -> list[T]:
+        if key in self._fresh:
+            return self._fresh[key]
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:  # one walk of the pages per key; the others wait for it
+            if key in self._fresh:
+                return self._fresh[key]
+            known = self._known.get(key)
+            if known is None:
+                known = await trio.to_thread.run_sync(self._load, key, decode)
+            if known is not None and self._clock() < self._offline_until:
+                return known  # the API failed moments ago: do not make every lookup wait
+            try:
+                value = await fetch()
+            except Unavailable as exc:
+                self._went_offline(exc)
+                if known is None:
+                    raise
+                self.stale = True
+                return known
+            if self.stale or self.last_error is not None:
+                log.warning("the API answers again: listings are fresh")
+            self.stale = False
+            self.last_error = None
+            self._fresh[key] = value
+            if value != known:
+                self._known[key] = value
+                await trio.to_thread.run_sync(self._save, key, value)
+            return value
+
+    def _went_offline(self, exc: BaseException) -> None:
+        if self.last_error is None:
+            log.warning("the API is unreachable (%s): serving the last known listings", exc)
+        self.last_error = exc
+        self._offline_until = self._clock() + OFFLINE_BACKOFF
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.store is None else self.store / f"{key}.json"
+
+    def _save(self, key: str, value: list[Any]) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps([dataclasses.asdict(v) for v in value]))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot keep listing %s: %s", key, exc)
+
+    def _load(self, key: str, decode: Callable[[dict[str, Any]], T]) -> list[T] | None:
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            value = [decode(raw) for raw in json.loads(path.read_text())]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.debug("ignoring unreadable listing %s: %s", path, exc)
+            return None
+        self._known[key] = value
+        return value
