@@ -1,0 +1,791 @@
+"""`vm0fs dev-server`, driven over real HTTP as a subprocess (see the dev_server fixture)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import httpx
+import pytest
+from conftest import HTTP_TIMEOUT, DevServer
+
+from vm0fs import devserver, samples
+from vm0fs.samples import SampleVersion, directory, file, make_tar_gz, symlink
+
+Start = Callable[..., DevServer]
+
+# Two text files (17 bytes), a directory entry (not counted) and a symlink (counted).
+SMALL = [
+    directory("docs"),
+    file("docs/a.txt", "hello\n"),
+    file("b.txt", "world, again\n", 0o755),
+    symlink("link", "b.txt"),
+]
+
+
+def big_archive(n: int = 200_000, seed: int = 7) -> bytes:
+    """Incompressible, so the archive itself is about n bytes."""
+    return make_tar_gz([file("blob.bin", random.Random(seed).randbytes(n))])
+
+
+def ts(i: int) -> str:
+    return datetime.fromtimestamp(1_700_000_000 + i * 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def one_artifact(data: Path, folder: str = "art", content: bytes | None = None) -> Path:
+    return samples.write_artifact(
+        data, folder, [SampleVersion("v1.tar.gz", content or make_tar_gz(SMALL), "first", ts(1))]
+    )
+
+
+def art_id(folder: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"vm0fs-dev:{folder}"))
+
+
+def download_location(c: httpx.Client, aid: str, **params: str) -> str:
+    r = c.get(f"/v1/artifacts/{aid}/download", params=params)
+    assert r.status_code == 302, r.text
+    return r.headers["location"]
+
+
+def fetch(url: str, **kwargs: object) -> httpx.Response:
+    return httpx.get(url, timeout=HTTP_TIMEOUT, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_error(r: httpx.Response, status: int, type_: str, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["type"] == type_
+    assert isinstance(err["message"], str) and err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+# --- auth, routing --------------------------------------------------------------------------
+
+
+def test_auth_required_with_error_body(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client(auth=False) as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "dev-token"}):
+            r = c.get("/v1/artifacts", headers=headers)
+            assert_error(r, 401, "authentication_error", "invalid_api_key")
+            uuid.UUID(r.headers["x-request-id"])
+        assert_error(c.get(f"/v1/artifacts/{art_id('art')}"), 401, "authentication_error")
+    with srv.client() as c:
+        r = c.get("/v1/artifacts")
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/json"
+        assert int(r.headers["content-length"]) == len(r.content)
+        uuid.UUID(r.headers["x-request-id"])
+
+
+def test_token_from_env_and_default(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path, token=None, env={"VM0_API_KEY": "from-env"})
+    assert srv.token == "from-env"
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+    with srv.client(auth=False) as c:
+        r = c.get("/v1/artifacts", headers={"Authorization": "Bearer dev-token"})
+        assert r.status_code == 401
+    srv2 = dev_server(tmp_path, token=None)
+    assert srv2.token == "dev-token"
+    with srv2.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+
+
+def test_unknown_routes_404(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        for path in ("/v1/nope", "/v2/artifacts", "/", "/v1/artifacts/x/y/z", "/_dev/nope"):
+            assert_error(c.get(path), 404, "not_found_error")
+
+
+def test_sigint_and_sigterm_exit_zero(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path)
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(10) == 0
+    assert dev_server(tmp_path).stop() == 0
+
+
+def test_missing_data_dir_fails(tmp_path: Path) -> None:
+    from conftest import start_dev_server
+
+    with pytest.raises(RuntimeError, match="data dir not found"):
+        start_dev_server(tmp_path / "missing", log_path=tmp_path / "log")
+
+
+# --- listing and pagination -----------------------------------------------------------------
+
+
+def test_list_pagination_newest_first(dev_server: Start, tmp_path: Path) -> None:
+    for i in range(25):
+        samples.write_artifact(
+            tmp_path, f"a{i:02d}", [SampleVersion("v.tar.gz", [file("n.txt", str(i))], None, ts(i))]
+        )
+    srv = dev_server(tmp_path)
+    seen: list[str] = []
+    pages = []
+    cursor = None
+    with srv.client() as c:
+        for _ in range(10):  # bounded: 3 pages expected
+            params = {"limit": "10", **({"cursor": cursor} if cursor else {})}
+            body = c.get("/v1/artifacts", params=params).json()
+            pages.append(len(body["data"]))
+            seen += [a["id"] for a in body["data"]]
+            if not body["pagination"]["has_more"]:
+                assert body["pagination"]["next_cursor"] is None
+                break
+            cursor = body["pagination"]["next_cursor"]
+            assert cursor == body["data"][-1]["id"]
+        assert pages == [10, 10, 5]
+        assert seen == [art_id(f"a{i:02d}") for i in reversed(range(25))]
+        default = c.get("/v1/artifacts").json()
+        assert len(default["data"]) == 20 and default["pagination"]["has_more"]
+        assert len(c.get("/v1/artifacts", params={"limit": "100"}).json()["data"]) == 25
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "abc", "-1", "1.5", "1e2"])
+def test_limit_validation(dev_server: Start, tmp_path: Path, limit: str) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        err = assert_error(
+            c.get("/v1/artifacts", params={"limit": limit}), 400, "invalid_request_error"
+        )
+        assert err["param"] == "limit"
+        r = c.get(f"/v1/artifacts/{art_id('art')}/versions", params={"limit": limit})
+        assert_error(r, 400, "invalid_request_error")
+
+
+def test_unknown_cursor_400(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        r = c.get("/v1/artifacts", params={"cursor": str(uuid.uuid4())})
+        assert_error(r, 400, "invalid_request_error")
+
+
+def test_empty_data_dir(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        body = c.get("/v1/artifacts").json()
+    assert body == {"data": [], "pagination": {"has_more": False, "next_cursor": None}}
+
+
+# --- artifacts and versions -----------------------------------------------------------------
+
+
+def test_get_artifact_fields(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    vid = hashlib.sha256(archive).hexdigest()
+    with srv.client() as c:
+        a = c.get(f"/v1/artifacts/{art_id('art')}").json()
+    version = {
+        "id": vid,
+        "artifact_id": art_id("art"),
+        "size": len("hello\n") + len("world, again\n"),
+        "file_count": 3,  # two files and a symlink, not the directory
+        "message": "first",
+        "created_by": "agent",
+        "created_at": ts(1),
+    }
+    assert a == {
+        "id": art_id("art"),
+        "name": "art",
+        "current_version_id": vid,
+        "size": version["size"],
+        "file_count": 3,
+        "current_version": version,
+        "created_at": ts(1),
+        "updated_at": ts(1),
+    }
+
+
+def test_get_unknown_artifact_404(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path)
+    missing = str(uuid.uuid4())
+    with srv.client() as c:
+        for path in (
+            f"/v1/artifacts/{missing}",
+            f"/v1/artifacts/{missing}/versions",
+            f"/v1/artifacts/{missing}/download",
+        ):
+            err = assert_error(c.get(path), 404, "not_found_error", "resource_not_found")
+            assert err["message"] == f"No such artifact: '{missing}'"
+
+
+def test_sidecar_overrides_and_shared_names(dev_server: Start, tmp_path: Path) -> None:
+    fixed = "3f2b8c1e-0000-4000-8000-000000000001"
+    samples.write_artifact(
+        tmp_path,
+        "one",
+        [SampleVersion("x.tar.gz", SMALL, None, ts(1))],
+        artifact_id=fixed,
+        name="shared",
+    )
+    samples.write_artifact(
+        tmp_path, "two", [SampleVersion("x.tar.gz", SMALL[:2], None, ts(2), "user")], name="shared"
+    )
+    samples.write_artifact(tmp_path, "empty", created_at=ts(0))
+    sidecar = tmp_path / "one" / "artifact.json"
+    side = json.loads(sidecar.read_text())
+    side["versions"]["x.tar.gz"]["message"] = None
+    sidecar.write_text(json.dumps(side))
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        data = c.get("/v1/artifacts").json()["data"]
+        assert [(a["id"], a["name"]) for a in data] == [
+            (art_id("two"), "shared"),
+            (fixed, "shared"),
+            (art_id("empty"), "empty"),
+        ]
+        assert data[0]["current_version"]["created_by"] == "user"
+        assert data[0]["current_version"]["message"] == "Version 1"  # the default
+        assert data[1]["current_version"]["message"] is None  # explicit null in the sidecar
+        empty = c.get(f"/v1/artifacts/{art_id('empty')}").json()
+        assert empty["current_version_id"] is None and empty["current_version"] is None
+        assert (empty["size"], empty["file_count"]) == (0, 0)
+        assert empty["created_at"] == empty["updated_at"] == ts(0)
+        assert c.get(f"/v1/artifacts/{art_id('empty')}/versions").json()["data"] == []
+        assert_error(c.get(f"/v1/artifacts/{art_id('empty')}/download"), 404, "not_found_error")
+
+
+def test_versions_listing_and_current(dev_server: Start, tmp_path: Path) -> None:
+    samples.write_artifact(
+        tmp_path,
+        "art",
+        [
+            SampleVersion("a.tar.gz", [file("f", "1")], "one", ts(1)),
+            SampleVersion("b.tar.gz", [file("f", "22")], "two", ts(2), "user"),
+            SampleVersion("c.tar.gz", [file("f", "333")], None, ts(3)),
+        ],
+        current="b.tar.gz",  # not the newest: current is not necessarily the first item
+    )
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        body = c.get(f"/v1/artifacts/{art_id('art')}/versions").json()
+        data = body["data"]
+        assert body["pagination"] == {"has_more": False, "next_cursor": None}
+        assert [v["size"] for v in data] == [3, 2, 1]
+        assert [v["message"] for v in data] == ["Version 3", "two", "one"]
+        assert [v["created_at"] for v in data] == [ts(3), ts(2), ts(1)]
+        assert all(v["artifact_id"] == art_id("art") and len(v["id"]) == 64 for v in data)
+        a = c.get(f"/v1/artifacts/{art_id('art')}").json()
+        assert a["current_version_id"] == data[1]["id"] == a["current_version"]["id"]
+        assert a["current_version"] == data[1]
+        assert (a["created_at"], a["updated_at"]) == (ts(1), ts(3))
+        page1 = c.get(f"/v1/artifacts/{art_id('art')}/versions", params={"limit": 2}).json()
+        assert page1["pagination"] == {"has_more": True, "next_cursor": data[1]["id"]}
+        page2 = c.get(
+            f"/v1/artifacts/{art_id('art')}/versions", params={"limit": 2, "cursor": data[1]["id"]}
+        ).json()
+        assert page2["data"] == data[2:] and not page2["pagination"]["has_more"]
+        # Downloading without a version gives the current one.
+        loc = download_location(c, art_id("art"))
+        assert f"/blobs/{data[1]['id']}/" in loc
+
+
+def test_mtime_defaults_without_sidecar(dev_server: Start, tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i, name in enumerate(["old.tar.gz", "new.tar.gz"]):
+        samples.write_bytes_atomic(
+            folder / name, make_tar_gz([file("f", name)]), 1_600_000_000 + i * 60
+        )
+    (folder / "notes.txt").write_text("not a version")
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        a = c.get(f"/v1/artifacts/{art_id('plain')}").json()
+        versions = c.get(f"/v1/artifacts/{art_id('plain')}/versions").json()["data"]
+    assert a["name"] == "plain"
+    assert a["created_at"] == "2020-09-13T12:26:40Z"
+    assert a["updated_at"] == "2020-09-13T12:27:40Z" == a["current_version"]["created_at"]
+    assert [v["message"] for v in versions] == ["Version 2", "Version 1"]
+    assert a["current_version_id"] == versions[0]["id"]
+
+
+def test_version_added_while_running(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        before = c.get(f"/v1/artifacts/{art_id('art')}").json()
+        samples.write_artifact(
+            tmp_path, "art", [SampleVersion("v2.tar.gz", [file("new", "x")], "second", ts(5))]
+        )
+        samples.write_artifact(tmp_path, "late", [SampleVersion("v.tar.gz", SMALL, None, ts(9))])
+        after = c.get(f"/v1/artifacts/{art_id('art')}").json()
+        assert after["current_version_id"] != before["current_version_id"]
+        assert after["current_version"]["message"] == "second"
+        assert len(c.get(f"/v1/artifacts/{art_id('art')}/versions").json()["data"]) == 2
+        ids = [a["id"] for a in c.get("/v1/artifacts").json()["data"]]
+        assert ids == [art_id("late"), art_id("art")]
+        content = fetch(download_location(c, art_id("art"))).content
+        assert content == (tmp_path / "art" / "v2.tar.gz").read_bytes()
+
+
+def test_garbage_and_empty_archives(dev_server: Start, tmp_path: Path) -> None:
+    garbage = b"this is not gzip at all" * 10
+    truncated = big_archive(50_000)[:20_000]
+    empty = make_tar_gz([])
+    dirs_only = make_tar_gz([directory("d")])
+    for folder, data in (
+        ("garbage", garbage),
+        ("truncated", truncated),
+        ("empty", empty),
+        ("dirs", dirs_only),
+    ):
+        one_artifact(tmp_path, folder, data)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        for folder, data in (("garbage", garbage), ("truncated", truncated)):
+            a = c.get(f"/v1/artifacts/{art_id(folder)}").json()
+            assert (a["file_count"], a["size"]) == (1, len(data))
+            assert fetch(download_location(c, art_id(folder))).content == data
+        for folder in ("empty", "dirs"):
+            a = c.get(f"/v1/artifacts/{art_id(folder)}").json()
+            assert (a["file_count"], a["size"]) == (0, 0)
+            r = c.get(f"/v1/artifacts/{art_id(folder)}/download")
+            assert_error(r, 404, "not_found_error", "resource_not_found")
+            r = c.get(
+                f"/v1/artifacts/{art_id(folder)}/download",
+                params={"version_id": a["current_version_id"]},
+            )
+            assert_error(r, 404, "not_found_error")
+
+
+# --- downloads and the blob origin ----------------------------------------------------------
+
+
+def test_download_redirects_to_blob_origin(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive())
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        r = c.get(f"/v1/artifacts/{art_id('art')}/download")
+        assert r.status_code == 302
+        assert r.headers["content-length"] == "0"
+        loc = r.headers["location"]
+        assert loc.startswith(srv.blob_url + "/blobs/") and srv.blob_url != srv.url
+        assert urlsplit(loc).port != urlsplit(srv.url).port
+        q = parse_qs(urlsplit(loc).query)
+        assert q["artifact"] == [art_id("art")]
+        assert 3500 < int(q["expires"][0]) - time.time() <= 3600
+        vid = c.get(f"/v1/artifacts/{art_id('art')}").json()["current_version_id"]
+        assert urlsplit(loc).path == f"/blobs/{vid}/archive.tar.gz"
+        # httpx drops Authorization on a cross-origin redirect, as a client must.
+        followed = c.get(f"/v1/artifacts/{art_id('art')}/download", follow_redirects=True)
+    assert followed.status_code == 200 and followed.content == archive
+    blob = fetch(loc)
+    assert blob.status_code == 200
+    assert blob.content == archive
+    assert blob.headers["content-type"] == "application/gzip"
+    assert blob.headers["content-length"] == str(len(archive))
+    assert blob.headers["etag"] == f'"{vid}"'
+    assert blob.headers["accept-ranges"] == "bytes"
+    head = httpx.head(loc, timeout=HTTP_TIMEOUT)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(archive))
+
+
+def test_blob_ranges(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive())
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    size = len(archive)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    cases = {
+        "bytes=10-19": (10, 19),
+        f"bytes={size - 100}-": (size - 100, size - 1),
+        "bytes=-50": (size - 50, size - 1),
+        f"bytes=100-{size + 1000}": (100, size - 1),
+        "bytes=0-0": (0, 0),
+    }
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:  # one keep-alive connection for all
+        for header, (start, end) in cases.items():
+            r = blob.get(loc, headers={"Range": header})
+            assert r.status_code == 206, header
+            assert r.content == archive[start : end + 1]
+            assert r.headers["content-range"] == f"bytes {start}-{end}/{size}"
+            assert r.headers["content-length"] == str(end - start + 1)
+        for header in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}", "bytes=-0"):
+            r = blob.get(loc, headers={"Range": header})
+            assert r.status_code == 416, header
+            assert r.headers["content-range"] == f"bytes */{size}"
+        # A malformed or multi-range header is ignored: the whole object.
+        for header in ("bytes=5-2", "items=0-1", "bytes=0-1,5-6"):
+            r = blob.get(loc, headers={"Range": header})
+            assert r.status_code == 200 and r.content == archive
+
+
+def test_blob_rejects_authorization_forgery_and_expiry(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    r = fetch(loc, headers=srv.auth)
+    assert r.status_code == 400
+    assert int(r.headers["content-length"]) == len(r.content)
+    parts = urlsplit(loc)
+    q = {k: v[0] for k, v in parse_qs(parts.query).items()}
+
+    def with_query(**changes: str) -> str:
+        return urlunsplit(parts._replace(query=urlencode({**q, **changes})))
+
+    assert fetch(with_query(sig="0" * 64)).status_code == 403
+    assert fetch(with_query(expires=str(int(q["expires"]) + 10))).status_code == 403
+    assert fetch(with_query(artifact=str(uuid.uuid4()))).status_code == 403
+    no_sig = urlunsplit(parts._replace(query=""))
+    assert fetch(no_sig).status_code == 403
+    assert fetch(loc).status_code == 200  # the genuine link still works
+    srv.set_faults(link_ttl=0)
+    with srv.client() as c:
+        expired = download_location(c, art_id("art"))
+    assert fetch(expired).status_code == 403
+
+
+def test_link_ttl_flag(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path, "--link-ttl", "0")
+    with srv.client() as c:
+        assert fetch(download_location(c, art_id("art"))).status_code == 403
+
+
+def test_version_prefixes(dev_server: Start, tmp_path: Path) -> None:
+    samples.write_artifact(
+        tmp_path,
+        "art",
+        [
+            SampleVersion("a.tar.gz", [file("f", "1")], None, ts(1)),
+            SampleVersion("b.tar.gz", [file("f", "2")], None, ts(2)),
+        ],
+    )
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        old = c.get(f"/v1/artifacts/{art_id('art')}/versions").json()["data"][1]["id"]
+        path = f"/blobs/{old}/archive.tar.gz"
+        assert urlsplit(download_location(c, art_id("art"), version_id=old)).path == path
+        assert urlsplit(download_location(c, art_id("art"), version_id=old[:8])).path == path
+        assert urlsplit(download_location(c, art_id("art"), versionId=old[:12])).path == path
+        both = download_location(c, art_id("art"), version_id=old[:10], versionId=old[:10])
+        assert urlsplit(both).path == path
+        for ref in (old[:7], "0" * 64, "zzzzzzzzzz", old + "0"):
+            r = c.get(f"/v1/artifacts/{art_id('art')}/download", params={"version_id": ref})
+            assert_error(r, 404, "not_found_error", "resource_not_found")
+
+
+def _version(vid: str) -> devserver.Version:
+    return devserver.Version(vid, "a", Path("x"), 1, 1, None, "agent", datetime.now(UTC))
+
+
+def test_resolve_version_ambiguous_prefix() -> None:
+    # Two real archives sharing 8 hex digits of SHA-256 cannot be built cheaply: unit-test it.
+    a, b = _version("abcdef01" + "0" * 56), _version("abcdef01" + "1" * 56)
+    versions = [a, b]
+    assert devserver.resolve_version(versions, a.id) is a
+    assert devserver.resolve_version(versions, "abcdef010") is a
+    assert devserver.resolve_version(versions, "ABCDEF011") is b
+    for ref in ("abcdef01", "abcdef0", ""):
+        with pytest.raises(devserver.HttpError) as e:
+            devserver.resolve_version(versions, ref)
+        assert e.value.status == 404
+
+
+# --- camelCase ------------------------------------------------------------------------------
+
+
+CAMEL = {"currentVersionId", "fileCount", "createdAt", "updatedAt", "currentVersion"}
+
+
+def test_camel_case_flag(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path, "--camel-case")
+    with srv.client() as c:
+        body = c.get("/v1/artifacts").json()
+        assert set(body["pagination"]) == {"hasMore", "nextCursor"}
+        a = body["data"][0]
+        assert set(a) >= CAMEL and "current_version_id" not in a
+        assert {"artifactId", "createdBy", "fileCount"} <= set(a["currentVersion"])
+        v = c.get(f"/v1/artifacts/{art_id('art')}/versions").json()["data"][0]
+        assert {"artifactId", "createdBy", "createdAt", "fileCount"} <= set(v)
+        err = assert_error(c.get(f"/v1/artifacts/{uuid.uuid4()}"), 404, "not_found_error")
+        assert "code" in err
+
+
+def test_camel_case_runtime_fault(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        assert "current_version_id" in c.get(f"/v1/artifacts/{art_id('art')}").json()
+        srv.set_faults(camel_case=True)
+        assert set(c.get(f"/v1/artifacts/{art_id('art')}").json()) >= CAMEL
+        srv.set_faults(camel_case=False)
+        assert "current_version_id" in c.get(f"/v1/artifacts/{art_id('art')}").json()
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+def test_faults_endpoint(dev_server: Start, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path, "--latency-ms", "5", "--blob-fail", "-1", "--reject-all")
+    faults = srv.faults()
+    assert set(faults) == set(devserver.FAULT_DEFAULTS)
+    assert (faults["latency_ms"], faults["blob_fail"], faults["reject_all"]) == (5, -1, True)
+    assert faults["link_ttl"] == 3600 and faults["camel_case"] is False
+    merged = srv.set_faults(bandwidth=1000)
+    assert merged["bandwidth"] == 1000 and merged["reject_all"] is True
+    for bad in ({"nope": 1}, {"fail_every": "x"}, {"reject_all": 1}, {"fail_every": -1}):
+        r = httpx.post(srv.url + "/_dev/faults", json=bad, timeout=HTTP_TIMEOUT)
+        assert_error(r, 400, "invalid_request_error")
+    r = httpx.post(srv.url + "/_dev/faults", content=b"[1]", timeout=HTTP_TIMEOUT)
+    assert r.status_code == 400
+    assert srv.faults() == merged
+
+
+def test_fail_every(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path, "--fail-every", "3")
+    with srv.client() as c:
+        codes = [c.get("/v1/artifacts").status_code for _ in range(6)]
+        assert codes == [200, 200, 500, 200, 200, 500]
+        srv.set_faults(fail_every=2)  # posting faults restarts the count
+        r1, r2 = c.get(f"/v1/artifacts/{art_id('art')}"), c.get("/v1/artifacts")
+        assert r1.status_code == 200
+        assert_error(r2, 500, "api_error")
+        srv.set_faults(fail_every=0)
+        assert all(c.get("/v1/artifacts").status_code == 200 for _ in range(4))
+
+
+def test_throttle_every(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    srv.set_faults(throttle_every=2)
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+        r = c.get(f"/v1/artifacts/{art_id('art')}/versions")
+        assert_error(r, 429, "rate_limit_error")
+        assert r.headers["retry-after"] == "1"
+        assert c.get("/v1/artifacts").status_code == 200
+        assert c.get("/v1/artifacts").status_code == 429
+
+
+def test_reject_all(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+        srv.set_faults(reject_all=True)
+        for path in ("/v1/artifacts", f"/v1/artifacts/{art_id('art')}/download"):
+            assert_error(c.get(path), 401, "authentication_error", "invalid_api_key")
+        srv.set_faults(reject_all=False)
+        assert c.get("/v1/artifacts").status_code == 200
+
+
+def test_truncate_blob(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive())
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--truncate-blob", "1")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    got = bytearray()
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        with blob.stream("GET", loc) as r:
+            assert r.status_code == 200
+            expected = int(r.headers["content-length"])
+            try:
+                for chunk in r.iter_raw():
+                    got += chunk
+            except httpx.RemoteProtocolError:
+                pass  # the usual outcome: the peer closed before Content-Length
+        assert expected == len(archive)
+        assert 0 < len(got) < expected
+        assert bytes(got) == archive[: len(got)]
+        assert blob.get(loc).content == archive  # the budget of 1 is spent
+    srv.set_faults(truncate_blob=-1)
+    for _ in range(2):
+        with (
+            httpx.Client(timeout=HTTP_TIMEOUT) as blob,
+            blob.stream("GET", loc, headers={"Range": "bytes=1000-"}) as r,
+        ):
+            assert r.status_code == 206
+            part = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError):
+                for chunk in r.iter_raw():
+                    part += chunk
+            assert len(part) < len(archive) - 1000
+    assert srv.faults()["truncate_blob"] == -1
+
+
+def test_blob_fail(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path)
+    srv.set_faults(blob_fail=2)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    assert [fetch(loc).status_code for _ in range(3)] == [500, 500, 200]
+    assert srv.faults()["blob_fail"] == 0
+
+
+def test_bandwidth_and_latency_still_complete(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(100_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--bandwidth", "400000", "--latency-ms", "20")
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+        loc = download_location(c, art_id("art"))
+    assert fetch(loc).content == archive
+    assert fetch(loc, headers={"Range": "bytes=0-999"}).content == archive[:1000]
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def test_stats_counting_and_reset(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path)
+    zero = {
+        "requests": dict.fromkeys(
+            ["list_artifacts", "get_artifact", "list_versions", "download", "blob"], 0
+        ),
+        "blob_bytes": 0,
+    }
+    assert srv.stats() == zero
+    with srv.client() as c:
+        c.get("/v1/artifacts")
+        c.get("/v1/artifacts", headers={"Authorization": "Bearer wrong"})  # failed, still counted
+        c.get(f"/v1/artifacts/{art_id('art')}")
+        c.get(f"/v1/artifacts/{uuid.uuid4()}")
+        c.get(f"/v1/artifacts/{art_id('art')}/versions")
+        loc = download_location(c, art_id("art"))
+        c.get("/v1/nope")  # no route: not counted
+    fetch(loc)
+    fetch(loc, headers={"Range": "bytes=0-9"})
+    fetch(loc, headers=srv.auth)  # 400, counted, no bytes
+    stats = srv.stats()
+    assert stats["requests"] == {
+        "list_artifacts": 2,
+        "get_artifact": 2,
+        "list_versions": 1,
+        "download": 1,
+        "blob": 3,
+    }
+    assert stats["blob_bytes"] == len(archive) + 10
+    srv.reset()
+    assert srv.stats() == zero
+
+
+# --- demo data and samples ------------------------------------------------------------------
+
+
+def test_demo_fills_empty_dir(dev_server: Start, tmp_path: Path) -> None:
+    data = tmp_path / "demo"  # missing: --demo creates and fills it
+    srv = dev_server(data, "--demo")
+    with srv.client() as c:
+        arts = {a["name"]: a for a in c.get("/v1/artifacts").json()["data"]}
+        assert {"training-run", "website-build", "eval-results"} <= set(arts)
+        empty = [a for a in arts.values() if a["current_version"] is None]
+        assert len(empty) == 1
+        run = arts["training-run"]
+        versions = c.get(f"/v1/artifacts/{run['id']}/versions").json()["data"]
+        assert len(versions) == 3 and all(v["message"] for v in versions)
+        assert sum(v["file_count"] for v in versions) >= 300
+        archive = fetch(download_location(c, run["id"])).content
+        assert (
+            len(c.get(f"/v1/artifacts/{arts['website-build']['id']}/versions").json()["data"]) == 2
+        )
+        site = fetch(download_location(c, arts["website-build"]["id"])).content
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        link = tar.getmember("latest.log")
+        assert link.issym() and link.linkname == "logs/epoch-003.log"
+        assert "logs/epoch-003.log" in tar.getnames()
+    with tarfile.open(fileobj=io.BytesIO(site), mode="r:gz") as tar:
+        assert tar.getmember("scripts/deploy.sh").mode == 0o755
+    # A second start on the now non-empty dir serves the same data without rewriting it.
+    mtimes = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    srv.stop()
+    srv2 = dev_server(data, "--demo")
+    with srv2.client() as c:
+        assert {a["name"] for a in c.get("/v1/artifacts").json()["data"]} == set(arts)
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == mtimes
+
+
+def test_demo_leaves_non_empty_dir_alone(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path, "--demo")
+    with srv.client() as c:
+        assert [a["name"] for a in c.get("/v1/artifacts").json()["data"]] == ["art"]
+
+
+def test_samples_are_deterministic(tmp_path: Path) -> None:
+    assert make_tar_gz(SMALL) == make_tar_gz(SMALL)
+    samples.write_demo_data(tmp_path / "a")
+    samples.write_demo_data(tmp_path / "b")
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar.gz"))
+    assert files_a and all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a
+    )
+    sidecar = json.loads((tmp_path / "a" / "training-run" / "artifact.json").read_text())
+    assert set(sidecar["versions"]) == {"epoch-1.tar.gz", "epoch-2.tar.gz", "epoch-3.tar.gz"}
+
+
+# --- the scan cache (in process) ------------------------------------------------------------
+
+
+def test_scan_cache_avoids_rehashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        one_artifact(tmp_path, f"a{i}")
+    calls: list[Path] = []
+    real = devserver.inspect_archive
+
+    def counting(path: Path) -> devserver.ArchiveInfo:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(devserver, "inspect_archive", counting)
+    store = devserver.Store(tmp_path)
+    assert len(store.scan()) == 5 and len(calls) == 5
+    store.scan()
+    assert len(calls) == 5
+    target = tmp_path / "a0" / "v1.tar.gz"
+    samples.write_bytes_atomic(target, make_tar_gz([file("changed", "!")]))
+    os.utime(target, ns=(1, 1))
+    store.scan()
+    assert calls[5:] == [target]
+
+
+def test_sidecar_timestamp_formats(dev_server: Start, tmp_path: Path) -> None:
+    samples.write_artifact(
+        tmp_path,
+        "art",
+        [
+            SampleVersion("a.tar.gz", [file("f", "1")], None, "2024-01-02T03:04:05.678+00:00"),
+            SampleVersion("b.tar.gz", [file("f", "2")], None, "2024-01-02T05:04:05+02:00"),
+            SampleVersion("c.tar.gz", [file("f", "3")], None, "2024-01-02T03:04:06"),
+        ],
+    )
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        data = c.get(f"/v1/artifacts/{art_id('art')}/versions").json()["data"]
+    assert [(v["size"], v["created_at"]) for v in data] == [
+        (1, "2024-01-02T03:04:06Z"),  # naive: taken as UTC
+        (1, "2024-01-02T03:04:05Z"),
+        (1, "2024-01-02T03:04:05Z"),
+    ]
+    assert [v["message"] for v in data] == ["Version 3", "Version 2", "Version 1"]

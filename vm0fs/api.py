@@ -1,0 +1,669 @@
+"""Async client for the vm0 Artifacts HTTP API (httpx under trio).
+
+Facts this code is built around (see shared/api/behaviour.md):
+- every field comes in snake_case (old service) or camelCase (new service);
+- cursor pagination can repeat or skip items, so walks de-duplicate and are bounded;
+- /download answers 302 to a presigned object-store URL that must never see the API key;
+- object stores answer Range requests, which lets a broken download resume.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from vm0fs import __version__
+from vm0fs.errors import ApiError, NotFound, Unauthorized, Unavailable
+
+log = logging.getLogger("vm0fs.api")
+
+DEFAULT_BASE_URL = "https://api.vm0.ai"
+PAGE_LIMIT = 100  # the service's maximum page size
+MAX_PAGES = 10_000
+CHUNK_SIZE = 256 * 1024
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_T = TypeVar("_T", "Artifact", "Version")
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    id: str
+    artifact_id: str
+    size: int
+    file_count: int
+    message: str | None
+    created_by: str | None
+    created_at: float  # unix seconds, 0.0 if absent or unparseable
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    id: str
+    name: str
+    current_version_id: str | None
+    size: int
+    file_count: int
+    created_at: float
+    updated_at: float
+    current_version: Version | None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _field(obj: dict[str, Any], snake: str, camel: str | None = None) -> Any:
+    """The value of a field under either spelling; a non-null spelling wins."""
+    value = obj.get(snake)
+    if value is None and camel is not None:
+        value = obj.get(camel)
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and math.isfinite(value):
+        return max(int(value), 0)
+    if isinstance(value, str):
+        try:
+            return max(int(value.strip()), 0)
+        except ValueError:
+            return 0
+    return 0
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _id(value: Any) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+_LONG_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _parse_time(value: Any) -> float:
+    """ISO-8601 (Z, offsets, any fraction) or epoch seconds -> unix seconds; 0.0 if unusable."""
+    if isinstance(value, bool) or value is None:
+        return 0.0
+    if isinstance(value, int | float):
+        secs = float(value)
+        if not math.isfinite(secs):
+            return 0.0
+        return secs / 1000.0 if secs > 1e11 else secs  # epoch milliseconds
+    if not isinstance(value, str):
+        return 0.0
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    text = _LONG_FRACTION.sub(r"\1", text)  # nanoseconds: datetime keeps microseconds only
+    try:
+        stamp = datetime.fromisoformat(text)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)  # the service speaks UTC
+        return stamp.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return 0.0
+
+
+def _parse_version(raw: Any, artifact_id: str, where: str) -> Version:
+    if not isinstance(raw, dict):
+        raise ApiError(f"{where}: expected a version object, got {type(raw).__name__}")
+    vid = _id(raw.get("id"))
+    if vid is None:
+        raise ApiError(f"{where}: version object has no 'id'")
+    return Version(
+        id=vid,
+        artifact_id=_id(_field(raw, "artifact_id", "artifactId")) or artifact_id,
+        size=_int(raw.get("size")),
+        file_count=_int(_field(raw, "file_count", "fileCount")),
+        message=_opt_str(raw.get("message")),
+        created_by=_opt_str(_field(raw, "created_by", "createdBy")),
+        created_at=_parse_time(_field(raw, "created_at", "createdAt")),
+    )
+
+
+def _parse_artifact(raw: Any, where: str) -> Artifact:
+    if not isinstance(raw, dict):
+        raise ApiError(f"{where}: expected an artifact object, got {type(raw).__name__}")
+    aid = _id(raw.get("id"))
+    if aid is None:
+        raise ApiError(f"{where}: artifact object has no 'id'")
+    current_id = _id(_field(raw, "current_version_id", "currentVersionId"))
+    size = _int(raw.get("size"))
+    file_count = _int(_field(raw, "file_count", "fileCount"))
+    current = None
+    raw_current = _field(raw, "current_version", "currentVersion")
+    if isinstance(raw_current, dict):
+        current = _parse_version(raw_current, aid, where)
+        if current_id is None:
+            current_id = current.id
+        if current.id == current_id:
+            # The artifact's own totals can lag behind; the version's are authoritative.
+            size, file_count = current.size, current.file_count
+        else:
+            current = None  # describes some other version: do not pair it with this id
+    return Artifact(
+        id=aid,
+        name=raw.get("name") if isinstance(raw.get("name"), str) else "",
+        current_version_id=current_id,
+        size=size,
+        file_count=file_count,
+        created_at=_parse_time(_field(raw, "created_at", "createdAt")),
+        updated_at=_parse_time(_field(raw, "updated_at", "updatedAt")),
+        current_version=current,
+    )
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return value is True or (isinstance(value, int) and value != 0)
+
+
+def _segment(value: str) -> str:
+    """A URL-quoted path segment; '.' and '..' are escaped so URL normalisation keeps them."""
+    if not value:
+        raise NotFound("empty artifact id")
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now (delta-seconds or HTTP-date); None if absent or bad."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        secs = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        secs = when.timestamp() - time.time()  # an HTTP-date is wall-clock time
+    return max(0.0, secs) if math.isfinite(secs) else None
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+
+
+def _content_length(resp: httpx.Response) -> int | None:
+    value = resp.headers.get("content-length", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+async def _raw_chunks(resp: httpx.Response, size: int) -> AsyncIterator[bytes]:
+    """The body as sent (no Content-Encoding decoding, so Range offsets match), in chunks of
+    about `size` bytes. Bytes already received are handed over before a break is raised, so
+    a resume never fetches them again (httpx's own chunker would drop them)."""
+    if resp.is_stream_consumed:  # already read (e.g. a mock built from bytes)
+        for i in range(0, len(resp.content), size):
+            yield resp.content[i : i + size]
+        return
+    pieces: list[bytes] = []
+    held = 0
+    broke: httpx.TransportError | None = None
+    try:
+        async with aclosing(resp.aiter_raw()) as raw:
+            async for piece in raw:
+                pieces.append(piece)
+                held += len(piece)
+                if held >= size:
+                    yield b"".join(pieces)
+                    pieces, held = [], 0
+    except httpx.TransportError as exc:
+        broke = exc
+    if held:
+        yield b"".join(pieces)
+    if broke is not None:
+        raise broke
+
+
+def _where_blob(url: httpx.URL) -> str:
+    # The query of a presigned URL is a credential: only host and path may be shown.
+    return f"GET {url.host}{url.path}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _RedactQueryFilter(logging.Filter):
+    """httpx logs every request's full URL at INFO; drop the query (a presigned signature)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(a, httpx.URL) and a.query for a in record.args
+        ):
+            record.args = tuple(
+                f"{a.scheme}://{a.netloc.decode('ascii', 'replace')}{a.path}?<redacted>"
+                if isinstance(a, httpx.URL) and a.query
+                else a
+                for a in record.args
+            )
+        return True
+
+
+_httpx_log = logging.getLogger("httpx")
+if not any(isinstance(f, _RedactQueryFilter) for f in _httpx_log.filters):
+    _httpx_log.addFilter(_RedactQueryFilter())
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (5xx, 429, transport error, expired link, short body)."""
+
+    def __init__(
+        self, cause: str, *, retry_after: float | None = None, error: ApiError | None = None
+    ) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.retry_after = retry_after
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Download:
+    """Where a download stands, across attempts."""
+
+    received: int = 0  # bytes already yielded to the caller
+    total: int | None = None  # full archive size, when announced
+    etag: str | None = None  # ETag of the first answer: pins the object across resumes
+    validator: str | None = None  # what we send as If-Range (strong ETag or Last-Modified)
+    link: httpx.URL | None = None  # presigned URL; None means "ask the API for one"
+
+
+class ApiClient:
+    """Client for the Artifacts API. Use as ``async with ApiClient(...) as api:``."""
+
+    request_count: int  # HTTP requests sent, to every host
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        retry_time: float = 30.0,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        user_agent: str = f"vm0fs/{__version__}",
+        backoff_base: float = 0.25,
+        backoff_cap: float = 5.0,
+        max_pages: int = MAX_PAGES,
+        chunk_size: int = CHUNK_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        key = (api_key or "").strip()
+        if key and not (key.isascii() and key.isprintable()):
+            raise Unauthorized("the API key contains characters that cannot be sent in a header")
+        # The key lives only in this per-request header, never in the client's defaults, so
+        # requests to presigned URLs (other hosts) cannot carry it.
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self._key = key
+        self._base_url = base_url.rstrip("/")
+        self._retry_time = max(0.0, retry_time)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_pages = max(1, max_pages)
+        self._chunk_size = max(1, chunk_size)
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.request_count = 0
+        self._client = httpx.AsyncClient(
+            base_url=self._base_url,
+            headers={"User-Agent": user_agent},
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            follow_redirects=False,  # redirects are followed by hand, without the key
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # stateless
+            event_hooks={"request": [self._count_request]},
+        )
+
+    @classmethod
+    def from_env(cls, base_url: str | None = None, **kw: Any) -> ApiClient:
+        """A client configured from VM0_API_URL and VM0_API_KEY."""
+        key = os.environ.get("VM0_API_KEY", "").strip()
+        if not key:
+            raise Unauthorized("VM0_API_KEY is not set: export your vm0 API key to mount artifacts")
+        url = base_url or os.environ.get("VM0_API_URL", "").strip() or DEFAULT_BASE_URL
+        return cls(url, key, **kw)
+
+    def __repr__(self) -> str:
+        return f"ApiClient(base_url={self._base_url!r})"
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _count_request(self, request: httpx.Request) -> None:
+        self.request_count += 1
+
+    # ------------------------------------------------------------------ public calls
+
+    async def list_artifacts(self) -> list[Artifact]:
+        return await self._list("/v1/artifacts", _parse_artifact)
+
+    async def list_versions(self, artifact_id: str) -> list[Version]:
+        path = f"/v1/artifacts/{_segment(artifact_id)}/versions"
+        return await self._list(path, lambda raw, where: _parse_version(raw, artifact_id, where))
+
+    async def get_artifact(self, artifact_id: str) -> Artifact:
+        path = f"/v1/artifacts/{_segment(artifact_id)}"
+        body = await self._get_json(path)
+        if isinstance(body, dict) and "id" not in body and isinstance(body.get("data"), dict):
+            body = body["data"]  # tolerate an enveloped answer
+        return _parse_artifact(body, f"GET {path}")
+
+    async def download(
+        self, artifact_id: str, version_id: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """The archive's bytes, in order, each exactly once; resumes broken transfers.
+
+        Close it (``contextlib.aclosing``) when stopping early, so the connection is freed.
+        """
+        path = f"/v1/artifacts/{_segment(artifact_id)}/download"
+        params = {"version_id": version_id, "versionId": version_id} if version_id else None
+        what = f"GET {path}"
+        st = _Download()
+        deadline = self._clock() + self._retry_time
+        failures = 0
+        while True:
+            before = st.received
+            try:
+                resp = await self._open_download(st, path, params)
+                if resp is None:
+                    return  # a 416 told us we already hold the whole archive
+                try:
+                    skip = self._check_resume(resp, st)
+                    async with aclosing(_raw_chunks(resp, self._chunk_size)) as chunks:
+                        while True:
+                            try:
+                                chunk = await anext(chunks)
+                            except StopAsyncIteration:
+                                break
+                            except httpx.TransportError as exc:
+                                raise _Retry(f"body broke: {_describe(exc)}") from exc
+                            if skip:  # a 200 to a resume, or a 206 starting early
+                                dropped = min(skip, len(chunk))
+                                chunk, skip = chunk[dropped:], skip - dropped
+                            if chunk:
+                                st.received += len(chunk)
+                                yield chunk
+                finally:
+                    await resp.aclose()
+                if skip:
+                    raise _Retry("body ended before the resume point")
+                if st.total is not None and st.received < st.total:
+                    raise _Retry(f"body ended after {st.received} of {st.total} bytes")
+                if st.total is not None and st.received > st.total:
+                    raise ApiError(f"{what}: got {st.received} bytes, {st.total} announced")
+                return
+            except _Retry as retry:
+                if st.received > before:
+                    # Progress was made: a long download gets a fresh budget after each hiccup.
+                    deadline, failures = self._clock() + self._retry_time, 0
+                failures += 1
+                await self._backoff(what, retry, failures, deadline)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _list(self, path: str, parse: Callable[[Any, str], _T]) -> list[_T]:
+        """Every item of a paginated listing, de-duplicated by id, in first-seen order."""
+        where = f"GET {path}"
+        items: dict[str, _T] = {}
+        cursors: set[str] = set()
+        cursor: str | None = None
+        for _ in range(self._max_pages):
+            params = {"limit": str(PAGE_LIMIT)}
+            if cursor is not None:
+                params["cursor"] = cursor
+            body = await self._get_json(path, params)
+            data = body.get("data") if isinstance(body, dict) else None
+            if not isinstance(data, list):
+                raise ApiError(f"{where}: response has no 'data' list")
+            for raw in data:
+                item = parse(raw, where)
+                items.setdefault(item.id, item)
+            if not data:
+                break  # an empty page ends the walk even if has_more says otherwise
+            page = body.get("pagination")
+            if not isinstance(page, dict):
+                page = body
+            if not _truthy(_field(page, "has_more", "hasMore")):
+                break
+            cursor = _id(_field(page, "next_cursor", "nextCursor"))
+            if cursor is None:
+                log.debug("%s: has_more without a cursor, stopping", where)
+                break
+            if cursor in cursors:
+                log.debug("%s: cursor repeated, stopping", where)
+                break
+            cursors.add(cursor)
+        else:
+            log.warning("%s: stopped after %d pages", where, self._max_pages)
+        return list(items.values())
+
+    async def _get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        where = f"GET {path}"  # without the query
+        deadline = self._clock() + self._retry_time
+        failures = 0
+        while True:
+            try:
+                return await self._get_json_once(where, path, params)
+            except _Retry as retry:
+                failures += 1
+                await self._backoff(where, retry, failures, deadline)
+
+    async def _get_json_once(self, where: str, path: str, params: dict[str, str] | None) -> Any:
+        try:
+            resp = await self._client.get(
+                path, params=params, headers={"Accept": "application/json", **self._auth}
+            )
+        except httpx.UnsupportedProtocol as exc:  # a bad base URL: retrying cannot help
+            raise ApiError(f"{where}: {_describe(exc)}") from exc
+        except httpx.TransportError as exc:
+            raise _Retry(_describe(exc)) from exc
+        if not resp.is_success:
+            raise self._api_failure(resp, where)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ApiError(
+                f"{where}: response is not JSON",
+                status=resp.status_code,
+                request_id=resp.headers.get("x-request-id"),
+            ) from None
+
+    async def _open_download(
+        self, st: _Download, path: str, params: dict[str, str] | None
+    ) -> httpx.Response | None:
+        """A streaming 200/206 answer for the archive, following redirects without the key.
+
+        Returns None when the server says the range past our bytes is empty (we are done).
+        """
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"Accept-Encoding": "identity"}  # byte offsets must be the stored bytes
+            if st.received:
+                headers["Range"] = f"bytes={st.received}-"
+                if st.validator:
+                    headers["If-Range"] = st.validator
+            if st.link is None:
+                from_api, where = True, f"GET {path}"
+                request = self._client.build_request(
+                    "GET", path, params=params, headers={**headers, **self._auth}
+                )
+            else:
+                from_api, where = False, _where_blob(st.link)
+                request = self._client.build_request("GET", st.link, headers=headers)
+            try:
+                resp = await self._client.send(request, stream=True)
+            except httpx.UnsupportedProtocol as exc:  # e.g. a Location that is not http(s)
+                raise ApiError(f"{where}: {_describe(exc)}") from exc
+            except httpx.TransportError as exc:
+                cause = _describe(exc)
+                query = request.url.query.decode("ascii", "replace")
+                if query:  # a presigned query is a credential, wherever it shows up
+                    cause = cause.replace(query, "<redacted>")
+                raise _Retry(f"{where}: {cause}") from exc
+            status = resp.status_code
+            if status in (200, 206):
+                return resp
+            try:
+                if status in _REDIRECTS:
+                    location = resp.headers.get("location")
+                    if not location:
+                        raise ApiError(f"{where}: redirect without Location", status=status)
+                    try:
+                        st.link = resp.url.join(location)
+                    except httpx.InvalidURL:
+                        raise ApiError(f"{where}: unusable redirect", status=status) from None
+                    continue
+                if from_api:
+                    await resp.aread()
+                    raise self._api_failure(resp, where)
+                # The object store: never show its body (S3 errors echo the signature).
+                if status in (400, 401, 403):
+                    st.link = None  # expired or rejected presigned link: ask for a new one
+                    raise _Retry(f"{where}: HTTP {status}, presigned link refused")
+                if status == 404:
+                    raise NotFound(f"{where}: archive not found", status=status)
+                if status == 416:
+                    match = _UNSATISFIED_RANGE.match(resp.headers.get("content-range", ""))
+                    if match and int(match.group(1)) == st.received:
+                        return None
+                if status == 429 or status >= 500:
+                    raise _Retry(
+                        f"{where}: HTTP {status}",
+                        retry_after=_retry_after(resp.headers.get("retry-after")),
+                    )
+                raise ApiError(f"{where}: unexpected answer", status=status)
+            finally:
+                await resp.aclose()
+        raise ApiError(f"GET {path}: more than {MAX_REDIRECTS} redirects")
+
+    def _check_resume(self, resp: httpx.Response, st: _Download) -> int:
+        """Validate a 200/206 against what we already hold; return how many bytes to skip."""
+        etag = resp.headers.get("etag")
+        if resp.status_code == 206:
+            match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+            if not match or int(match.group(1)) > st.received:
+                raise _Retry(f"unusable Content-Range {resp.headers.get('content-range')!r}")
+            start = int(match.group(1))
+            total = None if match.group(3) == "*" else int(match.group(3))
+        else:
+            start, total = 0, _content_length(resp)
+        if st.received and (
+            (st.etag and etag and etag != st.etag)
+            or (st.total is not None and total is not None and total != st.total)
+        ):
+            # The bytes already yielded belong to another object: resuming would corrupt.
+            raise ApiError("the archive changed on the server during the download")
+        if st.total is None:
+            st.total = total
+        if st.etag is None and etag:
+            st.etag = etag
+            if not etag.startswith("W/"):  # If-Range needs a strong validator
+                st.validator = etag
+        if st.validator is None and resp.headers.get("last-modified"):
+            st.validator = resp.headers["last-modified"]
+        return st.received - start
+
+    def _api_failure(self, resp: httpx.Response, where: str) -> Exception:
+        """The exception for a non-2xx API answer: _Retry for 5xx/429, else an ApiError."""
+        status = resp.status_code
+        request_id = resp.headers.get("x-request-id")
+        message, code = None, None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = _opt_str(err.get("message"))
+            code = _opt_str(err.get("code")) or _opt_str(err.get("type"))
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(body, dict):
+            message = _opt_str(body.get("message"))
+        if not message and body is None:
+            message = " ".join(resp.text.split())[:200] or None
+        message = self._redact(message or resp.reason_phrase or "request failed")
+        if status in _REDIRECTS:  # not for JSON endpoints; a Location query may be a credential
+            target = resp.url.join(resp.headers.get("location", ""))
+            message = f"unexpected redirect to {target.host}{target.path}"
+        text = f"{where}: {message}"
+        if status == 401:
+            return Unauthorized(
+                f"{text} (check VM0_API_KEY)", status=status, code=code, request_id=request_id
+            )
+        if status == 404:
+            return NotFound(text, status=status, code=code, request_id=request_id)
+        if status == 429 or status >= 500:
+            error = Unavailable(text, status=status, code=code, request_id=request_id)
+            return _Retry(
+                f"HTTP {status} {message}",
+                retry_after=_retry_after(resp.headers.get("retry-after")),
+                error=error,
+            )
+        return ApiError(text, status=status, code=code, request_id=request_id)
+
+    async def _backoff(self, what: str, retry: _Retry, failures: int, deadline: float) -> None:
+        """Sleep before the next attempt, or raise Unavailable once the budget is spent."""
+        remaining = deadline - self._clock()
+        cause = self._redact(retry.cause)
+        if remaining <= 0:
+            err = retry.error
+            raise Unavailable(  # chained to the transport error or HTTP answer behind it
+                f"{what}: gave up after {failures} attempt(s): {cause}",
+                status=err.status if err else None,
+                code=err.code if err else None,
+                request_id=err.request_id if err else None,
+            ) from (retry.__cause__ or err)
+        if retry.retry_after is not None:
+            delay = min(retry.retry_after, remaining)
+        else:  # exponential backoff with full jitter
+            ceiling = min(self._backoff_cap, self._backoff_base * 2.0 ** min(failures - 1, 32))
+            delay = min(self._rng.uniform(0.0, ceiling), remaining)
+        log.warning("%s failed (%s), attempt %d; retrying in %.2fs", what, cause, failures, delay)
+        await self._sleep(delay)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "<redacted>") if self._key else text

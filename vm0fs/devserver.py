@@ -1,0 +1,1034 @@
+"""`vm0fs dev-server`: a local implementation of the vm0 Artifacts API, for the demo and the tests.
+
+    vm0fs dev-server --data-dir DIR [--host 127.0.0.1] [--port 0] [--blob-port 0]
+                     [--token T] [--demo] [--verbose] [fault switches]
+
+Standard library only. Two HTTP/1.1 servers run in one process: the API origin (`/v1/...` plus
+the test-only `/_dev/...` control routes) and a blob origin standing in for the object store
+that presigned download links point at. On start exactly one line goes to stdout:
+
+    vm0fs dev-server: listening on http://HOST:PORT (blobs on http://HOST:BLOBPORT)
+
+Port 0 (the default for both) picks a free port; the line shows the real ones. SIGINT and
+SIGTERM stop the server with exit code 0.
+
+Token: --token, else the VM0_API_KEY environment variable, else `dev-token`. Every /v1 route
+wants `Authorization: Bearer <token>`.
+
+Data dir layout (rescanned on every API request, so files can be added while it runs):
+
+    DIR/<folder>/                one artifact per folder (names starting with "." are ignored)
+    DIR/<folder>/*.tar.gz        one version per archive; version id = SHA-256 of its bytes
+    DIR/<folder>/artifact.json   optional sidecar, every key optional:
+        {"id": "<uuid>", "name": "<name>", "current": "<file>.tar.gz", "created_at": ISO,
+         "versions": {"<file>.tar.gz": {"message": str|null, "created_by": "agent"|"user",
+                                       "created_at": ISO}}}
+
+Defaults: id = uuid5(NAMESPACE_URL, "vm0fs-dev:" + folder); name = folder; a version's
+created_at = the archive's mtime; message = "Version N" (N counts versions oldest first);
+created_by = "agent"; current = the newest version; the artifact's created_at = its oldest
+version's (the folder's mtime when it has none); updated_at = its newest version's created_at.
+size / file_count = uncompressed bytes / count of regular files and symlinks in the archive; an
+archive tarfile cannot read is still served, as file_count 1 and size = its byte size. A
+version with file_count 0 (an empty archive) cannot be downloaded (404), as on the service.
+Write new archives under a name not ending in .tar.gz and rename them into place.
+
+Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_dev/faults):
+
+    latency_ms      extra delay on every /v1 and blob request
+    fail_every      every Nth authenticated /v1 request answers 500 api_error
+    throttle_every  every Nth authenticated /v1 request answers 429 with Retry-After: 1
+    truncate_blob   the next N blob GETs send full headers, about half the body, then hang up
+                    (-1 = every one)
+    blob_fail       the next N blob requests answer 500 (-1 = every one)
+    bandwidth       bytes per second per blob response (0 = unlimited)
+    link_ttl        lifetime of download links in seconds (default 3600; 0 = already expired)
+    camel_case      serve camelCase field names, like the service's later release
+    reject_all      every /v1 request answers 401, like a revoked key
+
+The Nth-request counter restarts whenever faults are posted or stats are reset.
+
+Control routes (API origin, no auth): GET /_dev/stats, POST /_dev/reset (zero the stats),
+GET /_dev/faults, POST /_dev/faults (JSON object merged into the current faults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import tarfile
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+DEFAULT_TOKEN = "dev-token"
+DEFAULT_LINK_TTL = 3600
+CHUNK = 64 * 1024
+SIDECAR = "artifact.json"
+MIN_PREFIX = 8
+
+FAULT_DEFAULTS: dict[str, int | float | bool] = {
+    "latency_ms": 0,
+    "fail_every": 0,
+    "throttle_every": 0,
+    "truncate_blob": 0,
+    "blob_fail": 0,
+    "bandwidth": 0,
+    "link_ttl": DEFAULT_LINK_TTL,
+    "camel_case": False,
+    "reject_all": False,
+}
+# Budget faults count down per blob request; -1 means "always".
+_BUDGET_FAULTS = ("truncate_blob", "blob_fail")
+_STAT_ROUTES = ("list_artifacts", "get_artifact", "list_versions", "download", "blob")
+
+T = TypeVar("T")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """An error answer in the service's JSON shape."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message}
+        if self.param is not None:
+            err["param"] = self.param
+        return {"error": err}
+
+
+def not_found(message: str) -> HttpError:
+    return HttpError(404, "not_found_error", "resource_not_found", message)
+
+
+def bad_request(message: str, param: str | None = None) -> HttpError:
+    return HttpError(400, "invalid_request_error", "invalid_parameter", message, param)
+
+
+# --- time helpers ---------------------------------------------------------------------------
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(value: object) -> datetime | None:
+    """Parse a sidecar timestamp; naive values are taken as UTC, junk as absent."""
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+# --- the data dir ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    sha256: str
+    size: int
+    file_count: int
+
+
+@dataclass(frozen=True)
+class Version:
+    id: str
+    artifact_id: str
+    path: Path
+    size: int
+    file_count: int
+    message: str | None
+    created_by: str
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "artifact_id": self.artifact_id,
+            "size": self.size,
+            "file_count": self.file_count,
+            "message": self.message,
+            "created_by": self.created_by,
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str
+    name: str
+    folder: Path
+    versions: tuple[Version, ...]  # newest first
+    current: Version | None
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        cur = self.current
+        return {
+            "id": self.id,
+            "name": self.name,
+            "current_version_id": cur.id if cur else None,
+            "size": cur.size if cur else 0,
+            "file_count": cur.file_count if cur else 0,
+            "current_version": cur.to_json() if cur else None,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+def inspect_archive(path: Path) -> ArchiveInfo:
+    """Hash and count an archive in one streaming pass over the file (never whole in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as raw:
+        for chunk in iter(lambda: raw.read(CHUNK), b""):
+            digest.update(chunk)
+        byte_size = raw.tell()
+        raw.seek(0)
+        size = count = 0
+        try:
+            # Stream mode ("r|gz") never seeks backwards and skips member data as it goes.
+            with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                for member in tar:
+                    if member.isreg():
+                        size += member.size
+                        count += 1
+                    elif member.issym():
+                        count += 1
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            # Garbage or truncated: still served, so clients can meet a broken archive.
+            return ArchiveInfo(digest.hexdigest(), byte_size, 1)
+    return ArchiveInfo(digest.hexdigest(), size, count)
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _str_or(value: object, default: str) -> str:
+    return value if isinstance(value, str) and value else default
+
+
+def _dict_at(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+# What a folder looked like: its mtime and (name, mtime_ns, size) of the sidecar and archives.
+FolderKey = tuple[int, tuple[tuple[str, int, int], ...]]
+
+
+class Store:
+    """Scans the data dir on every call. Archive facts are cached by (path, mtime_ns, size) and
+    whole artifacts by their folder's FolderKey, so a rescan is only a few stat calls each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._archives: dict[Path, tuple[tuple[int, int], ArchiveInfo]] = {}
+        self._folders: dict[str, tuple[FolderKey, Artifact]] = {}
+        self._rebuilt = False  # some folder changed since the caches were last pruned
+        # (artifact id, version id) -> archive path, refreshed by every scan, for the blob origin.
+        self._index: dict[tuple[str, str], Path] = {}
+
+    def _info(self, path: Path, key: tuple[int, int]) -> ArchiveInfo:
+        with self._lock:
+            hit = self._archives.get(path)
+        if hit and hit[0] == key:
+            return hit[1]
+        info = inspect_archive(path)  # outside the lock: hashing a big file must not stall others
+        with self._lock:
+            self._archives[path] = (key, info)
+        return info
+
+    def scan(self) -> list[Artifact]:
+        """All artifacts, in folder name order. Folders that vanish mid-scan are skipped."""
+        artifacts: list[Artifact] = []
+        try:
+            with os.scandir(self.root) as it:
+                entries = sorted(
+                    (e for e in it if not e.name.startswith(".") and e.is_dir()),
+                    key=lambda e: e.name,
+                )
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                artifacts.append(self._folder(entry.path, entry.stat().st_mtime_ns))
+            except OSError:
+                continue
+        with self._lock:
+            if self._rebuilt or len(self._folders) != len(artifacts):
+                # Forget what is gone, so a long-running server does not grow without bound.
+                live = {str(a.folder) for a in artifacts}
+                self._folders = {k: v for k, v in self._folders.items() if k in live}
+                paths = {
+                    Path(f, name) for f, (key, _) in self._folders.items() for name, _, _ in key[1]
+                }
+                self._archives = {k: v for k, v in self._archives.items() if k in paths}
+                self._rebuilt = False
+            self._index = {(v.artifact_id, v.id): v.path for a in artifacts for v in a.versions}
+        return artifacts
+
+    def _folder(self, folder: str, folder_mtime_ns: int) -> Artifact:
+        files: list[tuple[str, int, int]] = []
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name != SIDECAR and not e.name.endswith(".tar.gz"):
+                    continue
+                try:
+                    if e.is_file():
+                        st = e.stat()
+                        files.append((e.name, st.st_mtime_ns, st.st_size))
+                except OSError:
+                    continue
+        key: FolderKey = (folder_mtime_ns, tuple(sorted(files)))
+        with self._lock:
+            hit = self._folders.get(folder)
+        if hit and hit[0] == key:
+            return hit[1]
+        artifact = self._build(Path(folder), key)
+        with self._lock:
+            self._folders[folder] = (key, artifact)
+            self._rebuilt = True
+        return artifact
+
+    def _build(self, folder: Path, key: FolderKey) -> Artifact:
+        folder_mtime_ns, files = key
+        side = _read_sidecar(folder / SIDECAR) if any(f[0] == SIDECAR for f in files) else {}
+        default_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"vm0fs-dev:{folder.name}"))
+        artifact_id = _str_or(side.get("id"), default_id)
+        meta = _dict_at(side, "versions")
+        found: list[tuple[datetime, int, str, ArchiveInfo]] = []
+        for name, mtime_ns, size in files:
+            if name == SIDECAR:
+                continue
+            try:
+                info = self._info(folder / name, (mtime_ns, size))
+            except OSError:
+                continue
+            created = parse_iso(_dict_at(meta, name).get("created_at")) or from_ns(mtime_ns)
+            found.append((created, mtime_ns, name, info))
+        found.sort(key=lambda f: (f[0], f[1], f[2]))  # oldest first, to number them
+        by_file: dict[str, Version] = {}
+        by_id: dict[str, Version] = {}
+        for n, (created, _, name, info) in enumerate(found, 1):
+            vmeta = _dict_at(meta, name)
+            message = vmeta.get("message", f"Version {n}")  # an explicit null stays null
+            version = Version(
+                id=info.sha256,
+                artifact_id=artifact_id,
+                path=folder / name,
+                size=info.size,
+                file_count=info.file_count,
+                message=message if isinstance(message, str) else None,
+                created_by=_str_or(vmeta.get("created_by"), "agent"),
+                created_at=created,
+            )
+            by_file[name] = version
+            by_id[version.id] = version  # identical bytes are one version: the newest copy wins
+        versions = tuple(sorted(by_id.values(), key=lambda v: (v.created_at, v.id), reverse=True))
+        current = None
+        wanted = side.get("current")
+        if isinstance(wanted, str) and wanted in by_file:
+            current = by_id[by_file[wanted].id]
+        elif versions:
+            current = versions[0]
+        created_at = parse_iso(side.get("created_at"))
+        if created_at is None:
+            created_at = versions[-1].created_at if versions else from_ns(folder_mtime_ns)
+        updated_at = versions[0].created_at if versions else created_at
+        return Artifact(
+            id=artifact_id,
+            name=_str_or(side.get("name"), folder.name),
+            folder=folder,
+            versions=versions,
+            current=current,
+            created_at=created_at,
+            updated_at=max(updated_at, created_at),
+        )
+
+    def get(self, artifact_id: str) -> Artifact:
+        for artifact in self.scan():
+            if artifact.id == artifact_id:
+                return artifact
+        raise not_found(f"No such artifact: '{artifact_id}'")
+
+    def locate(self, artifact_id: str, version_id: str) -> Path | None:
+        """The archive holding a version, rescanning only when the index is stale."""
+        for attempt in range(2):
+            with self._lock:
+                path = self._index.get((artifact_id, version_id))
+                hit = self._archives.get(path) if path else None
+            if path and hit and hit[1].sha256 == version_id:
+                try:
+                    st = path.stat()
+                    if hit[0] == (st.st_mtime_ns, st.st_size):
+                        return path
+                except OSError:
+                    pass
+            if attempt == 0:
+                self.scan()
+        return None
+
+
+def resolve_version(versions: Sequence[Version], ref: str) -> Version:
+    """Exact id first, else a unique prefix of at least 8 hex characters; otherwise 404."""
+    for v in versions:
+        if v.id == ref:
+            return v
+    ref_l = ref.lower()
+    if len(ref_l) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", ref_l):
+        matches = [v for v in versions if v.id.startswith(ref_l)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise not_found(f"Ambiguous version prefix: '{ref}'")
+    raise not_found(f"No such version: '{ref}'")
+
+
+def paginate(
+    items: Sequence[T], ident: Callable[[T], str], limit: int, cursor: str | None
+) -> tuple[list[T], bool, str | None]:
+    start = 0
+    if cursor:
+        ids = [ident(i) for i in items]
+        if cursor not in ids:
+            raise bad_request(f"Invalid cursor: '{cursor}'", "cursor")
+        start = ids.index(cursor) + 1
+    page = list(items[start : start + limit])
+    has_more = start + limit < len(items)
+    return page, has_more, ident(page[-1]) if has_more and page else None
+
+
+def camelize(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            re.sub(r"_([a-z])", lambda m: m[1].upper(), k): camelize(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [camelize(v) for v in value]
+    return value
+
+
+# --- runtime state: faults and stats ---------------------------------------------------------
+
+
+class State:
+    """Faults, counters and stats shared by all request threads (all under one lock)."""
+
+    def __init__(self, faults: dict[str, int | float | bool]) -> None:
+        self._lock = threading.Lock()
+        self.faults: dict[str, int | float | bool] = dict(FAULT_DEFAULTS)
+        self.update_faults(faults)
+        self._api_seq = 0
+        self._requests = dict.fromkeys(_STAT_ROUTES, 0)
+        self._blob_bytes = 0
+
+    def update_faults(self, patch: dict[str, Any]) -> dict[str, int | float | bool]:
+        clean: dict[str, int | float | bool] = {}
+        for key, value in patch.items():
+            if key not in FAULT_DEFAULTS:
+                raise bad_request(f"Unknown fault: '{key}'", key)
+            if isinstance(FAULT_DEFAULTS[key], bool):
+                if not isinstance(value, bool):
+                    raise bad_request(f"Fault '{key}' must be true or false", key)
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad_request(f"Fault '{key}' must be a number", key)
+            elif value < (-1 if key in _BUDGET_FAULTS else 0):
+                raise bad_request(f"Fault '{key}' is out of range", key)
+            elif key != "latency_ms" or float(value).is_integer():
+                value = int(value)
+            clean[key] = value
+        with self._lock:
+            self.faults.update(clean)
+            self._api_seq = 0
+            return dict(self.faults)
+
+    def fault(self, key: str) -> Any:
+        with self._lock:
+            return self.faults[key]
+
+    def get_faults(self) -> dict[str, int | float | bool]:
+        with self._lock:
+            return dict(self.faults)
+
+    def next_api_request(self) -> tuple[bool, bool]:
+        """Count one authenticated /v1 request; return (fail it, throttle it)."""
+        with self._lock:
+            self._api_seq += 1
+            n = self._api_seq
+            fail_every = int(self.faults["fail_every"])
+            throttle_every = int(self.faults["throttle_every"])
+        return (
+            fail_every > 0 and n % fail_every == 0,
+            throttle_every > 0 and n % throttle_every == 0,
+        )
+
+    def take(self, key: str) -> bool:
+        """Consume one unit of a budget fault (truncate_blob, blob_fail)."""
+        with self._lock:
+            left = int(self.faults[key])
+            if left == -1:
+                return True
+            if left > 0:
+                self.faults[key] = left - 1
+                return True
+            return False
+
+    def count(self, route: str) -> None:
+        with self._lock:
+            self._requests[route] += 1
+
+    def add_blob_bytes(self, n: int) -> None:
+        with self._lock:
+            self._blob_bytes += n
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": dict(self._requests), "blob_bytes": self._blob_bytes}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests = dict.fromkeys(_STAT_ROUTES, 0)
+            self._blob_bytes = 0
+            self._api_seq = 0
+
+    def sleep_latency(self) -> None:
+        ms = float(self.fault("latency_ms"))
+        if ms > 0:
+            time.sleep(ms / 1000)
+
+
+class App:
+    def __init__(self, store: Store, state: State, token: str) -> None:
+        self.store = store
+        self.state = state
+        self.token = token
+        self.secret = secrets.token_bytes(32)  # per process: links die with the server
+        self.blob_origin = ""
+
+    def sign(self, artifact_id: str, version_id: str, expires: int) -> str:
+        msg = f"{version_id}\n{artifact_id}\n{expires}".encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()
+
+    def link(self, artifact_id: str, version_id: str) -> str:
+        expires = int(time.time()) + int(self.state.fault("link_ttl"))
+        query = urlencode(
+            {
+                "artifact": artifact_id,
+                "expires": expires,
+                "sig": self.sign(artifact_id, version_id, expires),
+            }
+        )
+        return f"{self.blob_origin}/blobs/{version_id}/archive.tar.gz?{query}"
+
+
+# --- HTTP plumbing --------------------------------------------------------------------------
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    app: App
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+class BaseHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms.
+    disable_nagle_algorithm = True
+    timeout = 120  # idle keep-alive connections give their thread back eventually
+    verbose = False
+    server: Server
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.verbose:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    def read_body(self) -> bytes:
+        # Always drain a request body so the next request on a keep-alive connection parses.
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send_bytes(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Request-Id", str(uuid.uuid4()))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        self.send_bytes(status, json.dumps(body).encode(), "application/json", headers)
+
+    def send_error_json(self, err: HttpError) -> None:
+        self.send_json(err.status, err.body(), err.headers)
+
+    def do_GET(self) -> None:
+        self.dispatch()
+
+    def do_HEAD(self) -> None:
+        self.dispatch()
+
+    def do_POST(self) -> None:
+        self.dispatch()
+
+    def do_PUT(self) -> None:
+        self.dispatch()
+
+    def do_DELETE(self) -> None:
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        try:
+            self.read_body_and_route()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug here must not kill the thread silently
+            sys.stderr.write(f"vm0fs dev-server: internal error: {exc!r}\n")
+            try:
+                self.send_error_json(HttpError(500, "api_error", "internal_error", str(exc)))
+            except OSError:
+                self.close_connection = True
+
+    def read_body_and_route(self) -> None:
+        raise NotImplementedError
+
+
+_V1 = [
+    ("list_artifacts", re.compile(r"/v1/artifacts")),
+    ("get_artifact", re.compile(r"/v1/artifacts/([^/]+)")),
+    ("list_versions", re.compile(r"/v1/artifacts/([^/]+)/versions")),
+    ("download", re.compile(r"/v1/artifacts/([^/]+)/download")),
+]
+
+
+def _match_v1(path: str) -> tuple[str, re.Match[str]]:
+    for route, pattern in _V1:
+        m = pattern.fullmatch(path)
+        if m:
+            return route, m
+    raise not_found(f"Unknown route: '{path}'")
+
+
+def _query_limit(query: dict[str, list[str]]) -> tuple[int, str | None]:
+    raw = query.get("limit", [""])[-1]
+    limit = 20
+    if raw != "":
+        if not re.fullmatch(r"\d{1,6}", raw) or not 1 <= int(raw) <= 100:
+            raise bad_request("limit must be an integer between 1 and 100", "limit")
+        limit = int(raw)
+    return limit, query.get("cursor", [""])[-1] or None
+
+
+class ApiHandler(BaseHandler):
+    def read_body_and_route(self) -> None:
+        body = self.read_body()
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        query = parse_qs(url.query, keep_blank_values=True)
+        if path.startswith("/_dev/"):
+            self.control(path, body)
+            return
+        try:
+            if not path.startswith("/v1/"):
+                raise not_found(f"Unknown route: '{path}'")
+            self.app.state.sleep_latency()
+            self.v1(path, query)
+        except HttpError as err:
+            self.send_error_json(err)
+
+    def v1(self, path: str, query: dict[str, list[str]]) -> None:
+        state = self.app.state
+        route, m = _match_v1(path)
+        state.count(route)
+        if self.command not in ("GET", "HEAD"):
+            raise HttpError(
+                405,
+                "invalid_request_error",
+                "method_not_allowed",
+                f"Method {self.command} is not allowed here",
+            )
+        auth = self.headers.get("Authorization", "")
+        expected = f"Bearer {self.app.token}"
+        if state.fault("reject_all") or not hmac.compare_digest(auth.encode(), expected.encode()):
+            raise HttpError(
+                401, "authentication_error", "invalid_api_key", "Invalid API key provided"
+            )
+        fail, throttle = state.next_api_request()
+        if throttle:
+            raise HttpError(
+                429,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                "Too many requests, retry later",
+                headers={"Retry-After": "1"},
+            )
+        if fail:
+            raise HttpError(500, "api_error", "internal_error", "Injected failure (fail_every)")
+        store = self.app.store
+        if route == "list_artifacts":
+            limit, cursor = _query_limit(query)
+            items = sorted(store.scan(), key=lambda a: (a.updated_at, a.id), reverse=True)
+            page, more, nxt = paginate(items, lambda a: a.id, limit, cursor)
+            self.send_data(
+                {
+                    "data": [a.to_json() for a in page],
+                    "pagination": {"has_more": more, "next_cursor": nxt},
+                }
+            )
+            return
+        artifact = store.get(unquote(m[1]))
+        if route == "get_artifact":
+            self.send_data(artifact.to_json())
+        elif route == "list_versions":
+            limit, cursor = _query_limit(query)
+            page_v, more, nxt = paginate(artifact.versions, lambda v: v.id, limit, cursor)
+            self.send_data(
+                {
+                    "data": [v.to_json() for v in page_v],
+                    "pagination": {"has_more": more, "next_cursor": nxt},
+                }
+            )
+        else:
+            ref = query.get("version_id", [""])[-1] or query.get("versionId", [""])[-1]
+            if ref:
+                version = resolve_version(artifact.versions, ref)
+            elif artifact.current is None:
+                raise not_found(f"Artifact '{artifact.id}' has no versions")
+            else:
+                version = artifact.current
+            if version.file_count == 0:
+                raise not_found(f"Version '{version.id}' has no files")
+            location = self.app.link(artifact.id, version.id)
+            self.send_bytes(302, b"", "application/json", {"Location": location})
+
+    def send_data(self, body: dict[str, Any]) -> None:
+        self.send_json(200, camelize(body) if self.app.state.fault("camel_case") else body)
+
+    def control(self, path: str, body: bytes) -> None:
+        state = self.app.state
+        try:
+            if path == "/_dev/stats" and self.command in ("GET", "HEAD"):
+                self.send_json(200, state.stats())
+            elif path == "/_dev/reset" and self.command == "POST":
+                state.reset()
+                self.send_json(200, state.stats())
+            elif path == "/_dev/faults" and self.command in ("GET", "HEAD"):
+                self.send_json(200, state.get_faults())
+            elif path == "/_dev/faults" and self.command == "POST":
+                try:
+                    patch = json.loads(body or b"{}")
+                except ValueError:
+                    raise bad_request("Body must be a JSON object") from None
+                if not isinstance(patch, dict):
+                    raise bad_request("Body must be a JSON object")
+                self.send_json(200, state.update_faults(patch))
+            else:
+                raise not_found(f"Unknown route: '{path}'")
+        except HttpError as err:
+            self.send_error_json(err)
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One `bytes=` range as (start, end inclusive); None = serve everything (no header, or
+    one we ignore, such as multiple ranges, as RFC 9110 allows)."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or (m[1] == "" and m[2] == ""):
+        return None
+    if m[1] == "":  # suffix: the last N bytes
+        n = int(m[2])
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(0, size - n), size - 1
+    start = int(m[1])
+    if m[2] and int(m[2]) < start:
+        return None  # syntactically invalid: ignored
+    if start >= size:
+        raise RangeNotSatisfiable
+    end = int(m[2]) if m[2] else size - 1
+    return start, min(end, size - 1)
+
+
+_BLOB_PATH = re.compile(r"/blobs/([0-9a-f]{64})/archive\.tar\.gz")
+
+
+class BlobHandler(BaseHandler):
+    """The object store: S3-like XML errors, presigned links, Range support."""
+
+    def s3_error(self, status: int, code: str, message: str) -> None:
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error>\n"
+        ).encode()
+        self.send_bytes(status, body, "application/xml")
+
+    def read_body_and_route(self) -> None:
+        self.read_body()
+        state = self.app.state
+        url = urlsplit(self.path)
+        if not url.path.startswith("/blobs/"):
+            self.s3_error(404, "NoSuchKey", "The specified key does not exist.")
+            return
+        state.sleep_latency()
+        state.count("blob")
+        m = _BLOB_PATH.fullmatch(url.path)
+        if self.command not in ("GET", "HEAD"):
+            self.s3_error(405, "MethodNotAllowed", "The method is not allowed.")
+            return
+        if "Authorization" in self.headers:
+            self.s3_error(400, "InvalidArgument", "Only one auth mechanism allowed.")
+            return
+        query = parse_qs(url.query)
+        artifact_id = query.get("artifact", [""])[-1]
+        expires = query.get("expires", [""])[-1]
+        sig = query.get("sig", [""])[-1]
+        if not m or not expires.isdigit():
+            self.s3_error(403, "AccessDenied", "Request has invalid or missing signature.")
+            return
+        version_id = m[1]
+        good = self.app.sign(artifact_id, version_id, int(expires))
+        if not hmac.compare_digest(sig.encode(), good.encode()):
+            self.s3_error(403, "SignatureDoesNotMatch", "The signature does not match.")
+            return
+        if time.time() >= int(expires):
+            self.s3_error(403, "AccessDenied", "Request has expired.")
+            return
+        path = self.app.store.locate(artifact_id, version_id)
+        if path is None:
+            self.s3_error(404, "NoSuchKey", "The specified key does not exist.")
+            return
+        if state.take("blob_fail"):
+            self.s3_error(500, "InternalError", "Injected failure (blob_fail).")
+            return
+        try:
+            f = path.open("rb")
+        except OSError:
+            self.s3_error(404, "NoSuchKey", "The specified key does not exist.")
+            return
+        with f:
+            self.serve_file(f, version_id)
+
+    def serve_file(self, f: BinaryIO, version_id: str) -> None:
+        state = self.app.state
+        size = os.fstat(f.fileno()).st_size
+        try:
+            rng = parse_range(self.headers.get("Range"), size)
+        except RangeNotSatisfiable:
+            self.send_bytes(416, b"", "application/xml", {"Content-Range": f"bytes */{size}"})
+            return
+        start, end = rng if rng else (0, size - 1)
+        length = end - start + 1 if size else 0
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Type", "application/gzip")
+        self.send_header("Content-Length", str(length))
+        self.send_header("ETag", f'"{version_id}"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("X-Request-Id", str(uuid.uuid4()))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        budget = length
+        if state.take("truncate_blob"):
+            budget = length // 2
+            self.close_connection = True  # the client sees EOF before Content-Length
+        bandwidth = int(state.fault("bandwidth"))
+        # Small chunks under a bandwidth cap keep the pacing smooth (about 10 writes a second).
+        chunk = min(CHUNK, max(1, bandwidth // 10)) if bandwidth > 0 else CHUNK
+        f.seek(start)
+        sent = 0
+        began = time.monotonic()
+        while sent < budget:
+            data = f.read(min(chunk, budget - sent))
+            if not data:
+                self.close_connection = True  # the file shrank under us: cannot honour the length
+                break
+            self.wfile.write(data)
+            sent += len(data)
+            state.add_blob_bytes(len(data))
+            if bandwidth > 0:
+                delay = began + sent / bandwidth - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vm0fs dev-server",
+        description="Serve a local implementation of the vm0 Artifacts API from a folder.",
+    )
+    p.add_argument("--data-dir", required=True, type=Path, help="one folder per artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="API port (0 = pick a free one)")
+    p.add_argument("--blob-port", type=int, default=0, help="blob port (0 = pick a free one)")
+    p.add_argument("--token", help=f"API key (default: $VM0_API_KEY, else {DEFAULT_TOKEN!r})")
+    p.add_argument("--demo", action="store_true", help="fill an empty or missing DIR with samples")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    f = p.add_argument_group("faults (also settable at runtime via POST /_dev/faults)")
+    f.add_argument("--latency-ms", type=float, default=0, help="delay every request")
+    f.add_argument("--fail-every", type=int, default=0, metavar="N", help="every Nth is a 500")
+    f.add_argument("--throttle-every", type=int, default=0, metavar="N", help="every Nth is a 429")
+    f.add_argument(
+        "--truncate-blob",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cut the next N blob bodies short (-1 = all)",
+    )
+    f.add_argument(
+        "--blob-fail",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the next N blob requests with 500 (-1 = all)",
+    )
+    f.add_argument(
+        "--bandwidth",
+        type=int,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="cap per blob response (0 = unlimited)",
+    )
+    f.add_argument(
+        "--link-ttl",
+        type=int,
+        default=DEFAULT_LINK_TTL,
+        metavar="SECONDS",
+        help="download link lifetime (0 = already expired)",
+    )
+    f.add_argument("--camel-case", action="store_true", help="camelCase field names")
+    f.add_argument("--reject-all", action="store_true", help="answer every /v1 request with 401")
+    return p
+
+
+def _make_server(host: str, port: int, handler: type[BaseHandler], app: App) -> Server:
+    cls = Server6 if ":" in host else Server
+    server = cls((host, port), handler)
+    server.app = app
+    return server
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    data_dir: Path = args.data_dir
+    if args.demo and (not data_dir.exists() or not any(data_dir.iterdir())):
+        from vm0fs.samples import write_demo_data
+
+        write_demo_data(data_dir)
+    if not data_dir.is_dir():
+        print(f"vm0fs dev-server: data dir not found: {data_dir}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("VM0_API_KEY") or DEFAULT_TOKEN
+    try:
+        state = State({k: getattr(args, k) for k in FAULT_DEFAULTS})
+    except HttpError as err:
+        print(f"vm0fs dev-server: {err.message}", file=sys.stderr)
+        return 2
+    app = App(Store(data_dir), state, token)
+    BaseHandler.verbose = args.verbose
+    try:
+        api = _make_server(args.host, args.port, ApiHandler, app)
+        blobs = _make_server(args.host, args.blob_port, BlobHandler, app)
+    except OSError as exc:
+        print(f"vm0fs dev-server: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    host = _url_host(args.host)
+    app.blob_origin = f"http://{host}:{blobs.server_address[1]}"
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    threads = [
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        for s in (api, blobs)
+    ]
+    for t in threads:
+        t.start()
+    print(
+        f"vm0fs dev-server: listening on http://{host}:{api.server_address[1]} "
+        f"(blobs on {app.blob_origin})",
+        flush=True,
+    )
+    # A timed wait keeps the main thread responsive to signals.
+    while not stop.wait(0.5):
+        pass
+    for s in (api, blobs):
+        s.shutdown()
+        s.server_close()
+    return 0
