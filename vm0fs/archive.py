@@ -20,6 +20,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from vm0fs.errors import ArchiveError, ArchiveTooLarge
 
@@ -197,6 +198,15 @@ class TarSink:
         self.written += len(out)
 
 
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """Exact nanoseconds: a pax mtime like '1700000000.25' does not survive a float."""
+    text = info.pax_headers.get("mtime")
+    try:
+        return int(Decimal(text) * 10**9) if text else int(info.mtime) * 10**9
+    except (InvalidOperation, ValueError, OverflowError):
+        return int(float(info.mtime) * 1e9)
+
+
 def member_from_tarinfo(info: tarfile.TarInfo, seen: dict[str, Member]) -> Member | None:
     """The member `info` becomes, or None when it is left out (logged at DEBUG)."""
     path = normalize_path(info.name)
@@ -204,7 +214,7 @@ def member_from_tarinfo(info: tarfile.TarInfo, seen: dict[str, Member]) -> Membe
         log.debug("left out %r: unsafe or empty name", info.name)
         return None
     mode = stat.S_IMODE(info.mode) & ~(stat.S_ISUID | stat.S_ISGID)
-    mtime_ns = int(round(float(info.mtime) * 1e9))
+    mtime_ns = _mtime_ns(info)
     if info.isreg():
         sparse = [(int(a), int(b)) for a, b in info.sparse] if info.sparse is not None else None
         return Member(path, FILE, mode, mtime_ns, info.size, info.offset_data, sparse=sparse)

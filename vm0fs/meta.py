@@ -45,7 +45,8 @@ def _artifact_from_dict(raw: dict[str, Any]) -> Artifact:
 
 class Listings:
     def __init__(self, client: ListingClient, ttl: float, store: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 offline_backoff: float = OFFLINE_BACKOFF) -> None:
         self.client = client
         self.ttl = ttl
         self.store = store  # folder for the last known listings, or None
@@ -55,6 +56,7 @@ class Listings:
         self._locks: dict[str, trio.Lock] = {}
         self._clock = clock
         self._offline_until = 0.0
+        self._offline_backoff = offline_backoff
         self.last_error: BaseException | None = None
         self.stale = False  # the last answer came from the last known listing
         if store is not None:
@@ -107,7 +109,7 @@ class Listings:
         if self.last_error is None:
             log.warning("the API is unreachable (%s): serving the last known listings", exc)
         self.last_error = exc
-        self._offline_until = self._clock() + OFFLINE_BACKOFF
+        self._offline_until = self._clock() + self._offline_backoff
 
     def _path(self, key: str) -> Path | None:
         return None if self.store is None else self.store / f"{key}.json"

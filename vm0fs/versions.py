@@ -189,6 +189,7 @@ class VersionStore:
         members: list[Member] = []
         parsed = trio.Event()
         parse_error: list[BaseException] = []
+        receive_error: list[Exception] = []
         emit = self._emitter(state, members, build_tree)
         token = trio.lowlevel.current_trio_token()
 
@@ -215,16 +216,18 @@ class VersionStore:
                 nursery.start_soon(run_parser)
                 try:
                     await self._receive(state, sink)
-                except BaseException as exc:
+                except Exception as exc:
+                    receive_error.append(exc)
                     progress.end(exc)  # wakes the parser thread
-                    raise
                 finally:
                     await parsed.wait()
-            if parse_error:
-                raise parse_error[0]
+            # A failed download makes the parser fail too: report the cause, not the echo.
+            if receive_error or parse_error:
+                raise (receive_error or parse_error)[0]
             entry = await trio.to_thread.run_sync(self.cache.publish, staging, members)
         except BaseException:
-            await trio.to_thread.run_sync(self.cache.discard, staging)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.cache.discard, staging)
             raise
         state.fd = entry.fd
         elapsed = max(time.monotonic() - started, 1e-6)

@@ -1,0 +1,100 @@
+"""The on-disk cache: publish by rename, damaged entries, leftovers, eviction, permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+from vm0fs.archive import FILE, Member
+from vm0fs.cache import Cache
+
+
+def publish(cache: Cache, version_id: str, data: bytes) -> None:
+    staging = cache.stage(version_id)
+    os.write(staging.fd, data)
+    entry = cache.publish(staging, [Member("f", FILE, 0o644, 0, len(data), 0)])
+    os.close(entry.fd)
+
+
+def test_publish_then_open(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    assert cache.open_entry("v1") is None
+    publish(cache, "v1", b"hello")
+    entry = cache.open_entry("v1")
+    assert entry is not None
+    assert os.pread(entry.fd, 5, 0) == b"hello"
+    assert entry.members == [Member("f", FILE, 0o644, 0, 5, 0)]
+    os.close(entry.fd)
+    assert list(cache.staging.iterdir()) == []
+
+
+def test_owner_only_permissions(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    publish(cache, "v1", b"secret")
+    for path in [cache.root, *cache.root.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+
+
+def test_second_publisher_of_the_same_version_uses_the_first(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    first, second = cache.stage("v1"), cache.stage("v1")
+    for staging in (first, second):
+        os.write(staging.fd, b"same bytes")
+    members = [Member("f", FILE, 0o644, 0, 10, 0)]
+    os.close(cache.publish(first, members).fd)
+    entry = cache.publish(second, members)
+    assert os.pread(entry.fd, 10, 0) == b"same bytes"
+    os.close(entry.fd)
+    assert [p.name for p in cache.versions.iterdir()] == ["v1"]
+    assert list(cache.staging.iterdir()) == []
+
+
+def test_damaged_entry_is_removed(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    publish(cache, "v1", b"hello")
+    with open(cache.versions / "v1" / "data.tar", "ab") as f:
+        f.write(b"more")  # size no longer matches the index
+    assert cache.open_entry("v1") is None
+    assert not (cache.versions / "v1").exists()
+    publish(cache, "v2", b"x")
+    (cache.versions / "v2" / "index.json").write_text("{not json")
+    assert cache.open_entry("v2") is None
+
+
+def test_leftovers_of_dead_writers_are_cleaned(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    live = cache.stage("live")
+    dead = cache.stage("dead")
+    os.close(dead.fd)  # its writer is gone: nobody holds the lock any more
+    assert cache.clean_staging() == 1
+    assert live.path.exists() and not dead.path.exists()
+    cache.discard(live)
+
+
+def test_eviction_is_lru_and_spares_what_is_open(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", max_bytes=2500)
+    for i, vid in enumerate(["old", "held", "mid", "new"]):
+        publish(cache, vid, bytes(1000))
+        past = time.time() - 1000 + i * 100
+        os.utime(cache.versions / vid, (past, past))
+    held = cache.open_entry("held")  # a reader holds it open
+    assert held is not None
+    os.utime(cache.versions / "held", (time.time() - 1000, time.time() - 1000))
+    cache.evict()
+    remaining = sorted(p.name for p in cache.versions.iterdir())
+    assert remaining == ["held", "new"]
+    assert cache.usage() <= 2500 + 1000  # over the cap only by what is open
+    os.close(held.fd)
+    cache.evict(max_bytes=0)
+    assert list(cache.versions.iterdir()) == []
+
+
+def test_eviction_keeps_named_versions(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", max_bytes=0)
+    publish(cache, "a", b"1" * 100)
+    publish(cache, "b", b"2" * 100)
+    cache.evict(keep=frozenset({"a"}))
+    assert [p.name for p in cache.versions.iterdir()] == ["a"]

@@ -1,0 +1,467 @@
+"""The filesystem operations driven directly (no kernel): a fake API client, the real cache,
+the real version store and listings, under trio."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from vm0fs.api import Artifact, Version
+from vm0fs.cache import Cache
+from vm0fs.errors import ArchiveError, NotFound, Unauthorized, Unavailable
+from vm0fs.fs import CONTENT_TIMEOUT, Operations, folder_names, safe_name
+from vm0fs.meta import Listings
+from vm0fs.tree import InodeTable
+from vm0fs.versions import VersionStore
+
+TTL = 60.0
+
+
+Entries = dict[str, bytes | str] | list[tuple[str, bytes | str]]
+
+
+def tar_gz(files: Entries, *, mtime: int = 1_700_000_000) -> bytes:
+    """Members in order; a str value makes a symlink, a name ending in '/' a directory."""
+    buf = io.BytesIO()
+    items = files.items() if isinstance(files, dict) else files
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in items:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.mtime, info.mode = mtime, 0o644
+            if name.endswith("/"):
+                info.type, info.mode = tarfile.DIRTYPE, 0o700
+                tar.addfile(info)
+            elif isinstance(body, str):
+                info.type, info.linkname = tarfile.SYMTYPE, body
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def version(vid: str, artifact_id: str, file_count: int = 1, created: float = 1e9) -> Version:
+    return Version(vid, artifact_id, 0, file_count, None, "agent", created)
+
+
+def artifact(aid: str, name: str, versions: list[Version]) -> Artifact:
+    current = versions[0] if versions else None
+    return Artifact(aid, name, current.id if current else None, 0, 1, 1e9, 2e9, current)
+
+
+class FakeClient:
+    """The API, in memory. `gate` (a trio.Event) pauses downloads after their first chunk."""
+
+    def __init__(self) -> None:
+        self.artifacts: list[Artifact] = []
+        self.versions: dict[str, list[Version]] = {}
+        self.archives: dict[str, bytes] = {}
+        self.downloads = 0
+        self.list_calls = 0
+        self.gate: trio.Event | None = None
+        self.list_error: Exception | None = None
+        self.download_error: Exception | None = None
+        self.chunk = 4096
+
+    def add(self, aid: str, name: str, archives: list[bytes]) -> list[str]:
+        ids = [f"{i:x}{aid}".ljust(64, "0")[:64] for i in range(len(archives))]
+        for vid, data in zip(ids, archives, strict=True):
+            self.archives[vid] = data
+        versions = [version(vid, aid) for vid in ids]
+        self.versions[aid] = versions
+        self.artifacts.append(artifact(aid, name, versions))
+        return ids
+
+    async def list_artifacts(self) -> list[Artifact]:
+        self.list_calls += 1
+        if self.list_error:
+            raise self.list_error
+        return list(self.artifacts)
+
+    async def list_versions(self, artifact_id: str) -> list[Version]:
+        self.list_calls += 1
+        if self.list_error:
+            raise self.list_error
+        return list(self.versions[artifact_id])
+
+    async def download(self, artifact_id: str, version_id: str | None = None
+                       ) -> AsyncIterator[bytes]:
+        self.downloads += 1
+        if self.download_error:
+            raise self.download_error
+        data = self.archives[version_id or ""]
+        for start in range(0, len(data), self.chunk):
+            yield data[start:start + self.chunk]
+            await trio.sleep(0)
+            if self.gate is not None:
+                await self.gate.wait()
+
+
+class Harness:
+    def __init__(self, ops: Operations, client: FakeClient, store: VersionStore) -> None:
+        self.ops, self.client, self.store = ops, client, store
+
+    async def lookup(self, path: str) -> pyfuse3.EntryAttributes:
+        attrs = await self.ops.getattr(pyfuse3.ROOT_INODE)
+        for part in [p for p in path.split("/") if p]:
+            attrs = await self.ops.lookup(attrs.st_ino, os.fsencode(part))
+            if attrs.st_ino == 0:
+                raise FileNotFoundError(path)
+        return attrs
+
+    async def resolve(self, path: str) -> pyfuse3.EntryAttributes:
+        """Like lookup, following symlinks (relative ones, inside the mount) as the kernel does."""
+        parts = [p for p in path.split("/") if p]
+        done: list[str] = []
+        while parts:
+            done.append(parts.pop(0))
+            attrs = await self.lookup("/".join(done))
+            if stat.S_ISLNK(attrs.st_mode):
+                target = os.fsdecode(await self.ops.readlink(attrs.st_ino))
+                done.pop()
+                parts = [p for p in target.split("/") if p] + parts
+        return await self.lookup("/".join(done))
+
+    async def listdir(self, path: str) -> dict[str, pyfuse3.EntryAttributes]:
+        inode = (await self.resolve(path)).st_ino
+        fh = await self.ops.opendir(inode)
+        entries: dict[str, pyfuse3.EntryAttributes] = {}
+        original = pyfuse3.readdir_reply
+
+        def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+            entries[os.fsdecode(name)] = attrs
+            return True
+
+        pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+        try:
+            await self.ops.readdir(fh, 0, None)
+        finally:
+            pyfuse3.readdir_reply = original  # type: ignore[assignment]
+            await self.ops.releasedir(fh)
+        return entries
+
+    async def read(self, path: str, chunk: int = 128 * 1024) -> bytes:
+        attrs = await self.resolve(path)
+        info = await self.ops.open(attrs.st_ino, os.O_RDONLY)
+        out = bytearray()
+        try:
+            while True:
+                data = await self.ops.read(info.fh, len(out), chunk)
+                if not data:
+                    return bytes(out)
+                out += data
+        finally:
+            await self.ops.release(info.fh)
+
+
+def run(tmp_path: Path, client: FakeClient, test: Callable[[Harness], Awaitable[None]],
+        cache_size: int | None = None, ttl: float = TTL) -> None:
+    async def main() -> None:
+        cache = Cache(tmp_path / "cache", cache_size)
+        store = VersionStore(cache, client, InodeTable(pyfuse3.ROOT_INODE + 1),
+                             retry_failed_after=0)
+        listings = Listings(client, ttl, tmp_path / "listings", offline_backoff=0)
+        ops = Operations(listings, store, cache, metadata_ttl=ttl)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            with trio.fail_after(30):
+                await test(Harness(ops, client, store))
+                while any(state.loading for state in store.states.values()):
+                    await trio.sleep(0.01)  # let downloads the test started finish
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def fuse_errno(excinfo: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
+    return excinfo.value.errno
+
+
+SIMPLE = tar_gz({"README.md": b"# hi\n", "src/main.py": b"print(1)\n", "link": "src/main.py"})
+
+
+def test_names_are_made_safe_and_unique() -> None:
+    assert safe_name("a/b") == "a\uff0fb"
+    assert safe_name("nul\0") == "nul\u2400"
+    assert safe_name(".") == "\uff0e" and safe_name("..") == "\uff0e\uff0e"
+    names = folder_names([artifact("id1", "same", []), artifact("id2", "same", []),
+                          artifact("id3", "solo", []), artifact("id4", "", [])])
+    assert sorted(names) == ["@id4", "same@id1", "same@id2", "solo"]
+
+
+def test_listing_layout_without_downloads(tmp_path: Path) -> None:
+    client = FakeClient()
+    ids = client.add("a1", "run", [SIMPLE, SIMPLE + b""])
+    client.add("a2", "empty", [])
+
+    async def test(h: Harness) -> None:
+        assert set(await h.listdir("artifacts")) == {"run", "empty"}
+        entries = await h.listdir("artifacts/run")
+        assert set(entries) == {*ids, "current"}
+        assert stat.S_ISLNK(entries["current"].st_mode)
+        current = await h.lookup("artifacts/run/current")
+        assert os.fsdecode(await h.ops.readlink(current.st_ino)) == ids[0]
+        assert await h.listdir("artifacts/empty") == {}
+        vdir = await h.lookup(f"artifacts/run/{ids[1]}")
+        assert stat.S_ISDIR(vdir.st_mode)
+        assert vdir.st_mtime_ns == int(1e9 * 1e9)
+        assert (await h.lookup("artifacts/run")).st_mtime_ns == int(2e9 * 1e9)
+        prefix = await h.lookup(f"artifacts/run/{ids[1][:8]}")
+        assert os.fsdecode(await h.ops.readlink(prefix.st_ino)) == ids[1]
+        with pytest.raises(FileNotFoundError):
+            await h.lookup(f"artifacts/run/{ids[1][:7]}")
+        run_dir = await h.lookup("artifacts/run")
+        negative = await h.ops.lookup(run_dir.st_ino, b".hidden")
+        assert negative.st_ino == 0 and negative.entry_timeout == TTL
+        assert h.client.downloads == 0
+        calls = h.client.list_calls
+        await h.listdir("artifacts/run")
+        assert h.client.list_calls == calls  # within the TTL: no request
+
+    run(tmp_path, client, test)
+
+
+def test_contents_and_kernel_timeouts(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [tar_gz([
+        ("dup.txt", b"first"), ("a/b/", b""), ("a/b/c.txt", b"c" * 300_000),
+        ("z/implied/f", b"f"), ("link", "a/b/c.txt"), ("dup.txt", b"second"),
+    ])])
+
+    async def test(h: Harness) -> None:
+        root = "artifacts/run/current"
+        assert set(await h.listdir(root)) == {"dup.txt", "a", "z", "link"}
+        assert await h.read(f"{root}/dup.txt") == b"second"  # the later member wins
+        assert await h.read(f"{root}/a/b/c.txt") == b"c" * 300_000
+        assert await h.read(f"{root}/link") == b"c" * 300_000
+        explicit = await h.resolve(f"{root}/a/b")
+        assert stat.S_IMODE(explicit.st_mode) == 0o700
+        implied = await h.resolve(f"{root}/z/implied")
+        assert stat.S_IMODE(implied.st_mode) == 0o755
+        assert implied.st_mtime_ns == int(1e9 * 1e9)  # the version's created_at
+        f = await h.resolve(f"{root}/a/b/c.txt")
+        assert f.entry_timeout == f.attr_timeout == CONTENT_TIMEOUT
+        assert f.st_blocks == (300_000 + 511) // 512 and f.st_uid == os.getuid()
+        missing = await h.ops.lookup(implied.st_ino, b"nothing")
+        assert missing.st_ino == 0 and missing.entry_timeout == CONTENT_TIMEOUT
+        assert h.client.downloads == 1
+
+    run(tmp_path, client, test)
+
+
+def test_reads_are_served_while_the_archive_streams(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.chunk = 1024
+    client.add("a1", "big", [tar_gz({"first.txt": b"early bird",
+                                     "rest.bin": os.urandom(400_000)})])
+    client.gate = trio.Event()
+
+    async def test(h: Harness) -> None:
+        root = "artifacts/big/current"
+        assert await h.read(f"{root}/first.txt") == b"early bird"
+        state = next(iter(h.store.states.values()))
+        assert not state.tree_complete  # the download is still held at its gate
+        attrs = await h.resolve(f"{root}/first.txt")
+        assert attrs.entry_timeout == 0  # may still be replaced by a later member
+
+        async def release() -> None:
+            await trio.sleep(0.05)
+            assert h.client.gate is not None
+            h.client.gate.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release)
+            assert len(await h.read(f"{root}/rest.bin")) == 400_000
+        await state.wait_tree()
+        assert state.tree_complete
+
+    run(tmp_path, client, test)
+
+
+def test_one_download_for_many_concurrent_readers(tmp_path: Path) -> None:
+    client = FakeClient()
+    files = {f"f{i:02}.txt": f"file {i}\n".encode() * 100 for i in range(32)}
+    client.add("a1", "many", [tar_gz(files)])
+
+    async def test(h: Harness) -> None:
+        results: dict[str, bytes] = {}
+
+        async def reader(name: str) -> None:
+            results[name] = await h.read(f"artifacts/many/current/{name}")
+
+        async with trio.open_nursery() as nursery:
+            for name in files:
+                nursery.start_soon(reader, name)
+        assert results == files
+        assert h.client.downloads == 1
+
+    run(tmp_path, client, test)
+
+
+def test_cached_versions_survive_a_restart(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def first(h: Harness) -> None:
+        assert await h.read("artifacts/run/current/src/main.py") == b"print(1)\n"
+
+    run(tmp_path, client, first)
+    run(tmp_path, client, first)
+    assert client.downloads == 1
+
+
+def test_broken_archive_is_eio_for_that_version_only(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "bad", [b"\x1f\x8b garbage"])
+    client.add("a2", "good", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await h.listdir("artifacts/bad/current")
+        assert fuse_errno(excinfo) == errno.EIO
+        assert await h.read("artifacts/good/current/README.md") == b"# hi\n"
+        with pytest.raises(pyfuse3.FUSEError):  # a later access tries again
+            await h.resolve("artifacts/bad/current/x")
+        assert h.client.downloads == 3
+        cache = h.store.cache
+        assert list(cache.staging.iterdir()) == []
+        assert [p.name for p in cache.versions.iterdir()] == [client.versions["a2"][0].id]
+
+    run(tmp_path, client, test)
+
+
+@pytest.mark.parametrize("error, code", [
+    (NotFound("gone"), errno.ENOENT), (Unauthorized("revoked"), errno.EACCES),
+    (Unavailable("down"), errno.EIO), (ArchiveError("bad"), errno.EIO),
+])
+def test_download_errors_map_to_errno(tmp_path: Path, error: Exception, code: int) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+    client.download_error = error
+
+    async def test(h: Harness) -> None:
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await h.listdir("artifacts/run/current")
+        assert fuse_errno(excinfo) == code
+
+    run(tmp_path, client, test)
+
+
+def test_listing_errors_and_stale_listings(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        assert set(await h.listdir("artifacts")) == {"run"}
+        h.ops.listings.invalidate()
+        h.client.list_error = Unavailable("down")
+        assert set(await h.listdir("artifacts")) == {"run"}  # the last known listing
+        assert h.ops.listings.stale
+        h.ops.listings.invalidate()
+        h.client.list_error = Unauthorized("revoked")
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await h.listdir("artifacts")
+        assert fuse_errno(excinfo) == errno.EACCES
+
+    run(tmp_path, client, test)
+
+
+def test_last_known_listings_survive_a_restart_offline(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def online(h: Harness) -> None:
+        await h.read("artifacts/run/current/README.md")
+
+    async def offline(h: Harness) -> None:
+        assert await h.read("artifacts/run/current/README.md") == b"# hi\n"
+
+    run(tmp_path, client, online)
+    client.list_error = Unavailable("down")
+    client.download_error = Unavailable("down")
+    run(tmp_path, client, offline)
+
+
+def test_read_only(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        f = await h.resolve("artifacts/run/current/README.md")
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await h.ops.open(f.st_ino, flags)
+            assert fuse_errno(excinfo) == errno.EROFS
+        for call in (h.ops.mkdir(1, b"x", 0o755, None), h.ops.unlink(1, b"x", None),
+                     h.ops.setattr(f.st_ino, None, None, None, None)):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await call
+            assert fuse_errno(excinfo) == errno.EROFS
+
+    run(tmp_path, client, test)
+
+
+def test_empty_version_needs_no_download(tmp_path: Path) -> None:
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [b""])
+    client.versions["a1"] = [version(vid, "a1", file_count=0)]
+    client.artifacts = [artifact("a1", "run", client.versions["a1"])]
+
+    async def test(h: Harness) -> None:
+        assert await h.listdir(f"artifacts/run/{vid}") == {}
+        assert h.client.downloads == 0
+
+    run(tmp_path, client, test)
+
+
+def test_evicted_version_is_fetched_again_with_the_same_inodes(tmp_path: Path) -> None:
+    client = FakeClient()
+    big = {f"f{i}": os.urandom(30_000) for i in range(3)}
+    client.add("a1", "one", [tar_gz(big)])
+    client.add("a2", "two", [tar_gz({"g": os.urandom(100_000)})])
+
+    async def test(h: Harness) -> None:
+        before = await h.resolve("artifacts/one/current/f0")
+        assert await h.read("artifacts/one/current/f0") == big["f0"]
+        await h.read("artifacts/two/current/g")  # over the cap: "one" is idle, so it goes
+        await h.listdir("artifacts/two/current")  # until "two" is complete and published
+        await h.store.enforce_cache_size()
+        cache = h.store.cache
+        assert cache.usage() <= 150_000
+        assert await h.read("artifacts/one/current/f1") == big["f1"]
+        assert (await h.resolve("artifacts/one/current/f0")).st_ino == before.st_ino
+        assert h.client.downloads == 3
+
+    run(tmp_path, client, test, cache_size=150_000)
+
+
+def test_gnu_sparse_member_reads_back(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse.bin", "wb") as f:
+        f.write(b"start")
+        f.seek(300_000)
+        f.write(b"middle")
+        f.truncate(1 << 20)
+    archive = tmp_path / "s.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(src), "sparse.bin"],
+                   check=True)
+    client = FakeClient()
+    client.add("a1", "sparse", [archive.read_bytes()])
+
+    async def test(h: Harness) -> None:
+        data = await h.read("artifacts/sparse/current/sparse.bin", chunk=65_536)
+        assert data == (src / "sparse.bin").read_bytes()
+
+    run(tmp_path, client, test)
