@@ -26,7 +26,7 @@ import trio
 
 from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
-from vm0fs.errors import Unauthorized, errno_for
+from vm0fs.errors import Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import Listings
 from vm0fs.tree import Dir, File, Link, Node
 from vm0fs.versions import VersionState, VersionStore
@@ -42,6 +42,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+_last_logged: dict[str, float] = {}
+REPEAT_LOG_INTERVAL = 60.0  # the same failure is logged at most once a minute
+
+
+def log_once(level: int, message: str, *, exc_info: bool = False) -> None:
+    """Log `message` unless it was logged in the last minute: `ls` in a loop must not flood."""
+    now = time.monotonic()
+    if now - _last_logged.get(message, -REPEAT_LOG_INTERVAL) >= REPEAT_LOG_INTERVAL:
+        _last_logged[message] = now
+        log.log(level, "%s", message, exc_info=exc_info)
+
+
 def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Turn every failure of a handler into a FUSEError with the right errno."""
 
@@ -52,13 +64,14 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
         except pyfuse3.FUSEError:
             raise
         except Unauthorized as exc:
-            log.error("the API rejected the key (%s): check VM0_API_KEY", exc)
+            log_once(logging.ERROR, f"the API rejected the key ({exc}): check VM0_API_KEY")
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except Exception as exc:  # noqa: BLE001 - the mount must never die
             code = errno_for(exc)
             if code == errno.EIO and not isinstance(exc, OSError):
-                log.warning("%s failed: %s", handler.__name__, exc,
-                            exc_info=not hasattr(exc, "errno"))
+                # Our own errors explain themselves; anything else is a bug: keep its traceback.
+                log_once(logging.WARNING, f"{handler.__name__} failed: {exc}",
+                         exc_info=not isinstance(exc, Vm0fsError))
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper
@@ -258,7 +271,8 @@ class Operations(pyfuse3.Operations):
 
     def _state(self, folder: VersionDir) -> VersionState:
         state = self.store.get(folder.artifact_id, folder.version.id, folder,
-                               ns(folder.version.created_at), folder.version.file_count)
+                               ns(folder.version.created_at), folder.version.file_count,
+                               folder.version.size)
         if state is not folder.state:
             folder.state = state
             folder.attrs = None

@@ -12,27 +12,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from vm0fs.archive import GrowingFile, Member, Progress, TarSink, scan_members
+from vm0fs.archive import Member, Progress
 from vm0fs.cache import Cache
 from vm0fs.errors import Vm0fsError
+from vm0fs.fetch import Downloader, Fetch
 from vm0fs.tree import ContentTree, Dir, File, InodeTable
 
 log = logging.getLogger("vm0fs.versions")
 
-PUBLISH_BATCH = 512  # members handed from the parser thread to the event loop at once
-PROGRESS_LOG_INTERVAL = 5.0
-DISK_RESERVE = 256 << 20  # never fill the disk past this much free space
-
-
-class Downloader(Protocol):
-    def download(self, artifact_id: str, version_id: str | None = None) -> Any: ...
+PUBLISH_BATCH = 2048  # members added to the tree between two checkpoints of the event loop
 
 
 class VersionState:
@@ -51,8 +44,8 @@ class VersionState:
         self.failed_at = 0.0
         self.loading = False
         self.open_handles = 0
-        self.bytes_total: int | None = None  # archive bytes received / expected, for status
-        self.bytes_received = 0
+        self.expected_size = 0  # the API's uncompressed size, for progress reports
+        self.fetch: Fetch | None = None  # the download under way, if any
         self._changed = trio.Event()
 
     @property
@@ -121,7 +114,7 @@ class VersionStore:
             await trio.sleep_forever()
 
     def get(self, artifact_id: str, version_id: str, root: Dir, created_ns: int,
-            file_count: int) -> VersionState:
+            file_count: int, size: int = 0) -> VersionState:
         """The state of a version folder, starting its load if nothing usable is under way."""
         key = (artifact_id, version_id)
         state = self.states.get(key)
@@ -134,6 +127,7 @@ class VersionStore:
                 return state  # failed moments ago: answer EIO again rather than hammer the API
         root.children = {}  # a failed load's partial tree goes
         state = VersionState(artifact_id, version_id, root, self.table, created_ns)
+        state.expected_size = size
         self.states[key] = state
         if file_count == 0:  # nothing to download: the service has no archive for it
             state.fd = -1
@@ -159,8 +153,8 @@ class VersionStore:
                 state.progress.advance(entry.size)
                 state.progress.end()
                 if build_tree:
-                    for start in range(0, len(entry.members), PUBLISH_BATCH * 4):
-                        state.add_members(entry.members[start:start + PUBLISH_BATCH * 4])
+                    for start in range(0, len(entry.members), PUBLISH_BATCH):
+                        state.add_members(entry.members[start:start + PUBLISH_BATCH])
                         await trio.lowlevel.checkpoint()
             else:
                 await self._download(state, build_tree)
@@ -182,99 +176,20 @@ class VersionStore:
 
     async def _download(self, state: VersionState, build_tree: bool) -> None:
         self.downloads += 1
-        staging = await trio.to_thread.run_sync(self.cache.stage, state.version_id)
-        progress = state.progress
-        state.fd = staging.fd
-        sink = TarSink(staging.fd, await trio.to_thread.run_sync(self._size_limit))
-        members: list[Member] = []
-        parsed = trio.Event()
-        parse_error: list[BaseException] = []
-        receive_error: list[Exception] = []
-        emit = self._emitter(state, members, build_tree)
-        token = trio.lowlevel.current_trio_token()
+        fetch = Fetch(self.client, self.cache, state.artifact_id, state.version_id,
+                      state.progress, state.expected_size)
+        state.fetch = fetch
 
-        def parse() -> None:
-            def flush() -> None:
-                emit(token, flush=True)
-
-            try:
-                scan_members(GrowingFile(staging.fd, progress, flush),
-                             lambda m: (members.append(m), emit(token)))
-                flush()
-            except BaseException as exc:  # noqa: BLE001 - reported to the downloader
-                parse_error.append(exc)
-
-        async def run_parser() -> None:
-            try:
-                await trio.to_thread.run_sync(parse)
-            finally:
-                parsed.set()
-
-        started = time.monotonic()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_parser)
-                try:
-                    await self._receive(state, sink)
-                except Exception as exc:
-                    receive_error.append(exc)
-                    progress.end(exc)  # wakes the parser thread
-                finally:
-                    await parsed.wait()
-            # A failed download makes the parser fail too: report the cause, not the echo.
-            if receive_error or parse_error:
-                raise (receive_error or parse_error)[0]
-            entry = await trio.to_thread.run_sync(self.cache.publish, staging, members)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.cache.discard, staging)
-            raise
-        state.fd = entry.fd
-        elapsed = max(time.monotonic() - started, 1e-6)
-        log.info("version %s: %d members, %.1f MB in %.1f s (%.1f MB/s)", state.version_id[:12],
-                 len(members), sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)
-
-    async def _receive(self, state: VersionState, sink: TarSink) -> None:
-        """Feed the download into the sink, telling waiters at every step."""
-        last_log = time.monotonic()
-        async for chunk in self.client.download(state.artifact_id, state.version_id):
-            state.bytes_received += len(chunk)
-            total = await trio.to_thread.run_sync(sink.feed, chunk)
-            state.progress.advance(total)
+        def step() -> None:
+            state.fd = fetch.fd
             state.notify()
-            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                last_log = time.monotonic()
-                log.info("downloading version %s: %.1f MB received", state.version_id[:12],
-                         state.bytes_received / 1e6)
-        total = await trio.to_thread.run_sync(sink.finish)
-        state.progress.advance(total)
-        state.progress.end()
-        state.notify()
 
-    def _emitter(self, state: VersionState, members: list[Member],
-                 build_tree: bool) -> Callable[..., None]:
-        """Hands parsed members to the event loop in batches (called in the parser thread)."""
-        sent = 0
-
-        def emit(token: trio.lowlevel.TrioToken, flush: bool = False) -> None:
-            nonlocal sent
-            if len(members) - sent < (1 if flush else PUBLISH_BATCH):
-                return
-            batch = members[sent:]
-            sent = len(members)
-            if build_tree:
-                trio.from_thread.run_sync(state.add_members, batch, trio_token=token)
-
-        return emit
-
-    def _size_limit(self) -> int:
-        free = shutil.disk_usage(self.cache.root).free - DISK_RESERVE
-        limits = [max(free, 0)]
-        if self.max_version_bytes is not None:
-            limits.append(self.max_version_bytes)
-        if self.cache.max_bytes is not None:
-            limits.append(self.cache.max_bytes)
-        return min(limits)
+        try:
+            entry = await fetch.run(self.max_version_bytes,
+                                    state.add_members if build_tree else None, step)
+        finally:
+            state.fetch = None
+        state.fd = entry.fd
 
     # -- open files and eviction -------------------------------------------------------
 
