@@ -33,7 +33,7 @@ from vm0fs.errors import CacheError
 log = logging.getLogger("vm0fs.cache")
 
 INDEX_FORMAT = 1
-DATA, INDEX = "data.tar", "index.json"
+DATA, INDEX, IN_USE = "data.tar", "index.json", "in-use.lock"
 TOUCH_INTERVAL = 60.0  # seconds between last-used updates of one entry
 
 
@@ -75,6 +75,38 @@ class Cache:
             os.chmod(root, 0o700)
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {root}: {exc.strerror}") from None
+
+    # -- who uses it ---------------------------------------------------------------------
+
+    def hold_in_use(self) -> int:
+        """Mark the cache as used by a mount until the returned descriptor is closed."""
+        fd = os.open(self.root / IN_USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    def in_use(self) -> bool:
+        """Whether some mount is using this cache right now."""
+        try:
+            fd = os.open(self.root / IN_USE, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            return not _lock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry nobody holds open, and the saved listings; (removed, kept)."""
+        removed = kept = 0
+        for version_id, _, _ in self.entries():
+            if self._remove_entry(version_id, only_if_unused=True):
+                removed += 1
+            else:
+                kept += 1
+        shutil.rmtree(self.listings, ignore_errors=True)
+        self.listings.mkdir(mode=0o700, exist_ok=True)
+        self.clean_staging()
+        return removed, kept
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "/etc/fuse.conf unless root)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTION",
                        help="extra FUSE mount option (repeatable)")
+    mount.add_argument("--xattrs", action="store_true",
+                       help="answer extended attributes (user.vm0.*) on artifact and version "
+                            "folders; off by default because `ls -l` then costs two more "
+                            "requests a file")
     mount.add_argument("--debug", action="store_true", help="log every step")
     mount.add_argument("--log-file", type=Path, default=None,
                        help="log here (default: stderr in the foreground, "
@@ -81,6 +85,45 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint", type=Path)
     umount.add_argument("-z", "--lazy", action="store_true",
                         help="detach now even if busy; cleaned up when no longer used")
+
+    status = commands.add_parser(
+        "status", help="what a mount is doing", epilog="example:\n  vm0fs status ~/vm0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    info = commands.add_parser(
+        "info", help="the artifact and version a path in a mount belongs to",
+        epilog="examples:\n  vm0fs info ~/vm0/artifacts/training-run/current/logs/epoch-3.log"
+               "\n  vm0fs info --json ~/vm0/artifacts/training-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("path", type=Path)
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    prefetch = commands.add_parser(
+        "prefetch", help="download versions into the cache ahead of time",
+        epilog="examples:\n  vm0fs prefetch training-run            # its current version"
+               "\n  vm0fs prefetch training-run/3f2a9c1d   # a version by id prefix"
+               "\n  vm0fs prefetch ~/vm0/artifacts/eval-results/current   # through a mount",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    prefetch.add_argument("targets", nargs="+", metavar="NAME[/VERSION]|PATH")
+    prefetch.add_argument("--api-url", default=None)
+    prefetch.add_argument("--cache-dir", type=Path, default=None)
+
+    cache = commands.add_parser("cache", help="look after the cache: info, clear, prune")
+    cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for name, help_text in (("info", "size, entries and location"),
+                            ("clear", "remove every cached version"),
+                            ("prune", "evict least recently used versions down to a size")):
+        action = cache_commands.add_parser(name, help=help_text)
+        action.add_argument("--cache-dir", type=Path, default=None)
+        if name == "info":
+            action.add_argument("--json", action="store_true")
+        if name == "clear":
+            action.add_argument("--force", action="store_true",
+                                help="even while a mount uses the cache (its open versions stay)")
+        if name == "prune":
+            action.add_argument("--max-size", type=parse_size, required=True, metavar="SIZE")
 
     commands.add_parser("dev-server", help="run a local Artifacts API server (see --help)",
                         add_help=False)
@@ -126,6 +169,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         max_version_size=args.max_version_size,
         allow_other=args.allow_other,
         fuse_options=args.options,
+        xattrs=args.xattrs,
     )
     if not args.foreground:
         try:
@@ -185,6 +229,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--allow-other"] if args.allow_other else []
+    argv += ["--xattrs"] if args.xattrs else []
     argv += ["--debug"] if args.debug else []
     for option in args.options:
         argv += ["-o", option]
@@ -238,6 +283,25 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    from vm0fs import commands
+
+    if args.command == "status":
+        return commands.run(commands.status, args.mountpoint, args.json)
+    if args.command == "info":
+        return commands.run(commands.info, args.path, args.json)
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
+    if args.command == "prefetch":
+        api_url = (args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/")
+        return commands.run(commands.prefetch, args.targets, api_url,
+                            os.environ.get("VM0_API_KEY"), cache_dir)
+    if args.cache_command == "info":
+        return commands.run(commands.cache_info, cache_dir, args.json)
+    if args.cache_command == "clear":
+        return commands.run(commands.cache_clear, cache_dir, args.force)
+    return commands.run(commands.cache_prune, cache_dir, args.max_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dev-server":
@@ -250,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_mount(args)
     if args.command in ("unmount", "umount"):
         return cmd_unmount(args)
+    if args.command in ("status", "info", "prefetch", "cache"):
+        return cmd_tools(args)
     parser.print_help(sys.stderr)
     return 2
 

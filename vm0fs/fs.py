@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,14 @@ import trio
 
 from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
+from vm0fs.control import (
+    CONTROL_DIR,
+    RecentErrors,
+    artifact_info,
+    iso,
+    status_text,
+    to_json,
+)
 from vm0fs.errors import Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import Listings
 from vm0fs.tree import Dir, File, Link, Node
@@ -134,13 +143,48 @@ class VersionDir(Dir):
         self.state: VersionState | None = None
 
 
+class Generated(Node):
+    """A small file of the control folder whose content is made when it is looked at."""
+
+    __slots__ = ("render", "content")
+
+    def __init__(self, inode: int, render: Callable[[], Awaitable[bytes]]) -> None:
+        super().__init__(inode, stat.S_IFREG | 0o444)
+        self.render = render
+        self.content = b""
+
+    async def refresh(self) -> bytes:
+        self.content = await self.render()
+        self.size = len(self.content)
+        return self.content
+
+
+class InfoDir(Dir):
+    """`.vm0fs/info/`: looking up an artifact's folder name gives its metadata (not listed)."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, inode: int, parent: Dir) -> None:
+        super().__init__(inode, 0o555, parent.mtime_ns, parent)
+        self.files: dict[str, Generated] = {}
+
+
+XATTR_PREFIX = "user.vm0."
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
     def __init__(self, listings: Listings, store: VersionStore, cache: Cache, *,
-                 metadata_ttl: float, uid: int | None = None, gid: int | None = None) -> None:
+                 metadata_ttl: float, uid: int | None = None, gid: int | None = None,
+                 api_url: str = "", mountpoint: str = "", xattrs: bool = False,
+                 recent_errors: RecentErrors | None = None) -> None:
         super().__init__()
+        self.api_url = api_url
+        self.mountpoint = mountpoint
+        self.xattrs = xattrs
+        self.recent_errors = recent_errors or RecentErrors()
         self.listings = listings
         self.store = store
         self.cache = cache
@@ -154,15 +198,75 @@ class Operations(pyfuse3.Operations):
         self.artifacts_dir = ArtifactsDir(self.table.new_inode(), self.root)
         self.artifacts_dir.mtime_ns = self.root.mtime_ns
         self.root.children["artifacts"] = self.table.register(self.artifacts_dir)
+        self.root.children[CONTROL_DIR] = self._control_dir()
         self._artifact_dirs: dict[str, ArtifactDir] = {}
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
         self._handles: dict[int, Any] = {}
         self._next_handle = 1
 
+    def _control_dir(self) -> Dir:
+        control = Dir(self.table.new_inode(), 0o555, self.root.mtime_ns, self.root)
+        self.table.register(control)
+
+        async def status_json() -> bytes:
+            return to_json(await self.status())
+
+        async def status() -> bytes:
+            return status_text(await self.status()).encode()
+
+        for name, render in (("status", status), ("status.json", status_json)):
+            control.children[name] = self.table.register(
+                Generated(self.table.new_inode(), render))
+        self.info_dir = InfoDir(self.table.new_inode(), control)
+        control.children["info"] = self.table.register(self.info_dir)
+        return control
+
+    async def status(self) -> dict[str, Any]:
+        """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
+        entries = await trio.to_thread.run_sync(self.cache.entries)
+        names = {a.id: name for name, a in folder_names(self.artifacts_dir.listing or []).items()}
+        downloads = [
+            {"artifact": names.get(state.artifact_id, state.artifact_id),
+             "artifact_id": state.artifact_id, "version_id": state.version_id,
+             "bytes_done": state.progress.durable, "bytes_total": state.expected_size,
+             "bytes_received": state.fetch.received}
+            for state in self.store.states.values() if state.fetch is not None
+        ]
+        return {
+            "api_url": self.api_url,
+            "mountpoint": self.mountpoint,
+            "mounted_since": iso(self.mounted_at),
+            "offline": self.listings.stale,
+            "cache": {"dir": str(self.cache.root), "bytes": sum(e[1] for e in entries),
+                      "cap": self.cache.max_bytes, "versions": len(entries)},
+            "downloads": downloads,
+            "downloads_total": self.store.downloads,
+            "last_errors": list(self.recent_errors.records),
+        }
+
+    async def _info_file(self, name: str) -> Generated | None:
+        await self._refresh_artifacts()
+        folder = self.artifacts_dir.children.get(name)
+        if not isinstance(folder, ArtifactDir):
+            return None
+        node = self.info_dir.files.get(name)
+        if node is None:
+            async def render() -> bytes:
+                await self._refresh_versions(folder)
+                return to_json(artifact_info(name, folder.artifact, folder.listing or []))
+
+            node = Generated(self.table.new_inode(), render)
+            self.table.register(node)
+            self.info_dir.files[name] = node
+        await node.refresh()
+        return node
+
     # -- attributes --------------------------------------------------------------------
 
     def _timeout(self, node: Node) -> float:
         """How long the kernel may keep what we say about `node`."""
+        if isinstance(node, Generated):
+            return 0.0
         owner = getattr(node, "owner", None)
         if owner is None:  # listing folders, `current` and id prefixes follow the listings
             return self.ttl
@@ -331,8 +435,14 @@ class Operations(pyfuse3.Operations):
         return self._timeout(parent)
 
     async def _find(self, parent: Dir, name: str) -> Node | None:
-        if parent is self.root:
-            return parent.children.get(name)
+        if isinstance(parent, InfoDir):
+            return await self._info_file(name)
+        if parent.owner is None and not isinstance(parent, (ArtifactsDir, ArtifactDir,
+                                                            VersionDir)):
+            node = parent.children.get(name)  # the root and the control folder
+            if isinstance(node, Generated):
+                await node.refresh()
+            return node
         if parent is self.artifacts_dir:
             await self._refresh_artifacts()
             return parent.children.get(name)
@@ -353,7 +463,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if isinstance(node, ArtifactDir) and node.attrs is None:
+        if isinstance(node, Generated):
+            await node.refresh()
+        elif isinstance(node, ArtifactDir) and node.attrs is None:
             # A stat after the TTL refreshes the artifact (its mtime is updated_at).
             try:
                 await self._refresh_artifacts()
@@ -401,6 +513,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if isinstance(node, Generated):  # a snapshot per open; its size is not known ahead
+            return pyfuse3.FileInfo(fh=self._new_handle(await node.refresh()), direct_io=True)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EINVAL)
         state: VersionState = node.owner
@@ -412,6 +526,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         node = self._handles.get(fh)
+        if isinstance(node, bytes):
+            return node[off:off + size]
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EBADF)
         end = min(off + size, node.size)
@@ -469,6 +585,40 @@ class Operations(pyfuse3.Operations):
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
+
+    # -- extended attributes (opt-in: answering at all costs `ls -l` two requests a file) --
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        if isinstance(node, ArtifactDir):
+            artifact, version = node.artifact, None
+        elif isinstance(node, VersionDir):
+            folder = node.parent
+            artifact = folder.artifact if isinstance(folder, ArtifactDir) else None
+            version = node.version
+        else:
+            return {}
+        fields: dict[str, Any] = {}
+        if artifact is not None:
+            fields.update(artifact_id=artifact.id, artifact_name=artifact.name,
+                          current_version_id=artifact.current_version_id or "")
+        if version is not None:
+            fields.update(version_id=version.id, message=version.message or "",
+                          created_by=version.created_by or "", created_at=iso(version.created_at),
+                          size=version.size, file_count=version.file_count)
+        return {XATTR_PREFIX + key: str(value) for key, value in fields.items()}
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking for good
+        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode()
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        return [name.encode() for name in self._xattrs(self._node(inode))]
 
     def _new_handle(self, target: Any) -> int:
         fh = self._next_handle

@@ -18,6 +18,7 @@ import trio
 
 from vm0fs.api import ApiClient
 from vm0fs.cache import Cache
+from vm0fs.control import RecentErrors
 from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
@@ -42,6 +43,7 @@ class MountConfig:
     fuse_options: list[str] = field(default_factory=list)
     max_tasks: int = DEFAULT_MAX_TASKS
     api_retry_time: float = 10.0
+    xattrs: bool = False
 
 
 class MountError(Vm0fsError):
@@ -80,18 +82,22 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
     async with client:
         cache = await trio.to_thread.run_sync(Cache, config.cache_dir, config.cache_size)
         await trio.to_thread.run_sync(cache.clean_staging)
+        in_use = cache.hold_in_use()  # `vm0fs cache clear` refuses while this is held
         listings = Listings(client, config.metadata_ttl,
                             cache.listings / listing_namespace(config.api_url, config.api_key))
         await _check_access(listings, config.api_url)
         table = InodeTable(pyfuse3.ROOT_INODE + 1)
         store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
-        ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl)
+        recent_errors = RecentErrors()
+        logging.getLogger("vm0fs").addHandler(recent_errors)
+        ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
+                         api_url=config.api_url, mountpoint=str(config.mountpoint),
+                         xattrs=config.xattrs, recent_errors=recent_errors)
         try:
             pyfuse3.init(ops, str(config.mountpoint), mount_options(config))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {config.mountpoint}: {exc}") from None
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
-        unmount = True
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
@@ -106,7 +112,9 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
             raise
         finally:
             store.close()
-            pyfuse3.close(unmount=unmount)
+            os.close(in_use)
+            pyfuse3.close(unmount=True)
+            logging.getLogger("vm0fs").removeHandler(recent_errors)
             log.info("unmounted %s", config.mountpoint)
 
 

@@ -1,0 +1,88 @@
+"""What the hidden `.vm0fs/` folder at the mount root says: the mount's status, and the metadata
+of an artifact and its versions, for `vm0fs status` and `vm0fs info` (and anyone with `cat`).
+
+    .vm0fs/status          plain text
+    .vm0fs/status.json     the same as JSON
+    .vm0fs/info/<name>     JSON: the artifact whose folder is artifacts/<name>, and its versions
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from vm0fs.api import Artifact, Version
+
+CONTROL_DIR = ".vm0fs"
+MAX_ERRORS = 20
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors vm0fs logged, for the status file."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[dict[str, str]] = collections.deque(maxlen=MAX_ERRORS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append({"time": iso(record.created), "level": record.levelname,
+                             "message": record.getMessage()})
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def version_info(version: Version) -> dict[str, Any]:
+    info = dataclasses.asdict(version)
+    info["created_at"] = iso(version.created_at)
+    return info
+
+
+def artifact_info(folder: str, artifact: Artifact, versions: list[Version]) -> dict[str, Any]:
+    info = {k: v for k, v in dataclasses.asdict(artifact).items() if k != "current_version"}
+    info["folder"] = folder
+    info["created_at"] = iso(artifact.created_at)
+    info["updated_at"] = iso(artifact.updated_at)
+    return {"artifact": info, "versions": [version_info(v) for v in versions]}
+
+
+def to_json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def human(size: float | None) -> str:
+    if size is None:
+        return "no cap"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def status_text(status: dict[str, Any]) -> str:
+    cache = status["cache"]
+    lines = [
+        f"API:            {status['api_url']}"
+        + ("  (unreachable: serving the last known listings)" if status["offline"] else ""),
+        f"mounted at:     {status['mountpoint']}",
+        f"mounted since:  {status['mounted_since']}",
+        f"cache:          {cache['dir']}",
+        f"cache use:      {human(cache['bytes'])} of {human(cache['cap'])}, "
+        f"{cache['versions']} version(s) cached",
+    ]
+    downloads = status["downloads"]
+    lines.append(f"downloads:      {len(downloads) or 'none'}")
+    for d in downloads:
+        total = f" of {human(d['bytes_total'])}" if d["bytes_total"] else ""
+        lines.append(f"  {d['artifact']}/{d['version_id'][:12]}: {human(d['bytes_done'])}{total}"
+                     f" ({human(d['bytes_received'])} received)")
+    errors = status["last_errors"]
+    lines.append(f"last errors:    {len(errors) or 'none'}")
+    lines += [f"  {e['time']} {e['level']}: {e['message']}" for e in errors[-10:]]
+    return "\n".join(lines) + "\n"
