@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import subprocess
@@ -463,5 +464,68 @@ def test_gnu_sparse_member_reads_back(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
         data = await h.read("artifacts/sparse/current/sparse.bin", chunk=65_536)
         assert data == (src / "sparse.bin").read_bytes()
+
+    run(tmp_path, client, test)
+
+
+def test_control_folder_status_and_info(tmp_path: Path) -> None:
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        assert set(await h.listdir("")) == {"artifacts", ".vm0fs"}
+        assert set(await h.listdir(".vm0fs")) == {"status", "status.json", "info"}
+        await h.read("artifacts/run/current/README.md")
+        await h.listdir("artifacts/run/current")
+        status = json.loads(await h.read(".vm0fs/status.json"))
+        assert status["cache"]["versions"] == 1 and status["downloads_total"] == 1
+        assert status["downloads"] == [] and status["offline"] is False
+        assert "cache use:" in (await h.read(".vm0fs/status")).decode()
+        info = json.loads(await h.read(".vm0fs/info/run"))
+        assert info["artifact"]["id"] == "a1" and info["artifact"]["folder"] == "run"
+        assert [v["id"] for v in info["versions"]] == [vid]
+        with pytest.raises(FileNotFoundError):
+            await h.lookup(".vm0fs/info/nothing")
+        assert await h.listdir(".vm0fs/info") == {}
+
+    run(tmp_path, client, test)
+
+
+def test_status_shows_downloads_in_progress_and_errors(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.chunk = 1024
+    client.add("a1", "big", [tar_gz({"first.txt": b"x", "rest.bin": os.urandom(200_000)})])
+    client.gate = trio.Event()
+
+    async def test(h: Harness) -> None:
+        await h.read("artifacts/big/current/first.txt")
+        (download,) = json.loads(await h.read(".vm0fs/status.json"))["downloads"]
+        assert download["artifact"] == "big" and download["bytes_done"] > 0
+        assert h.client.gate is not None
+        h.client.gate.set()
+
+    run(tmp_path, client, test)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_extended_attributes_are_opt_in(tmp_path: Path, enabled: bool) -> None:
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        h.ops.xattrs = enabled
+        folder = await h.lookup(f"artifacts/run/{vid}")
+        if not enabled:
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await h.ops.getxattr(folder.st_ino, b"security.selinux")
+            assert fuse_errno(excinfo) == errno.ENOSYS
+            return
+        assert await h.ops.getxattr(folder.st_ino, b"user.vm0.version_id") == vid.encode()
+        assert await h.ops.getxattr(folder.st_ino, b"user.vm0.artifact_name") == b"run"
+        assert b"user.vm0.message" in await h.ops.listxattr(folder.st_ino)
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await h.ops.getxattr(folder.st_ino, b"security.selinux")
+        assert fuse_errno(excinfo) == pyfuse3.ENOATTR
+        assert h.client.downloads == 0
 
     run(tmp_path, client, test)
