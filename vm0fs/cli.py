@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log here (default: stderr in the foreground, "
                             "CACHE_DIR/vm0fs.log in the background)")
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    mount.add_argument("--key-from-stdin", action="store_true", help=argparse.SUPPRESS)
+    mount.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("unmount", aliases=["umount"], help="unmount a vm0fs mount")
     umount.add_argument("mountpoint", type=Path)
@@ -150,15 +150,17 @@ def fail(message: str) -> int:
     return 1
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
+def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     import trio
 
     from vm0fs.errors import Vm0fsError
     from vm0fs.mount import MountConfig, MountError, check_mountpoint, serve
 
-    key = sys.stdin.readline().strip() if args.key_from_stdin else os.environ.get("VM0_API_KEY")
+    key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
         return _report(args, "no API key: set VM0_API_KEY")
+    if args.foreground and args.key_fd is None:
+        _reexec_without_key(key, argv)  # does not return
     config = MountConfig(
         mountpoint=args.mountpoint.expanduser().absolute(),
         api_url=(args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/"),
@@ -193,6 +195,29 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_pipe(key: str) -> int:
+    """A pipe that holds the key, for a process we start: its read end."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, key.encode() + b"\n")  # a key is far smaller than a pipe's buffer
+    os.close(write_end)
+    return read_end
+
+
+def _read_key(fd: int) -> str:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read().decode().strip()
+
+
+def _reexec_without_key(key: str, argv: list[str]) -> None:
+    """Become the same mount (same pid) with the key in a pipe instead of the environment:
+    /proc/PID/environ, and so `ps e`, keep a process's starting environment for good."""
+    fd = _key_pipe(key)
+    os.set_inheritable(fd, True)
+    env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
+    os.execve(sys.executable, [sys.executable, "-m", "vm0fs.cli", *argv, "--key-fd", str(fd)],
+              env)
+
+
 def _report(args: argparse.Namespace, error: str | None) -> int:
     """Tell the waiting parent (background mode) or the user how the start went."""
     if args.ready_fd is not None:
@@ -217,9 +242,10 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
     except OSError as exc:
         return fail(f"cannot write the log file {log_file}: {exc.strerror}")
     read_end, write_end = os.pipe()
+    key_fd = _key_pipe(config.api_key)  # type: ignore[attr-defined]
     argv = [sys.executable, "-m", "vm0fs.cli", "mount", str(args.mountpoint.expanduser()
                                                               .absolute()),
-            "--foreground", "--key-from-stdin", "--ready-fd", str(write_end),
+            "--foreground", "--key-fd", str(key_fd), "--ready-fd", str(write_end),
             "--log-file", str(log_file), "--metadata-ttl", str(args.metadata_ttl),
             "--cache-dir", str(cache_dir)]
     if args.api_url:
@@ -235,13 +261,11 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
         argv += ["-o", option]
     # The key goes through a pipe, not the environment or argv: `ps e` would show those.
     env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
-    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
-                             pass_fds=(write_end,), start_new_session=True)
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                             pass_fds=(write_end, key_fd), start_new_session=True)
     os.close(write_end)
+    os.close(key_fd)
     log.close()
-    assert child.stdin is not None
-    child.stdin.write(f"{config.api_key}\n".encode())  # type: ignore[attr-defined]
-    child.stdin.close()
     message = _wait_ready(read_end, child)
     if message == "ready":
         return 0
@@ -311,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "mount":
-        return cmd_mount(args)
+        return cmd_mount(args, argv)
     if args.command in ("unmount", "umount"):
         return cmd_unmount(args)
     if args.command in ("status", "info", "prefetch", "cache"):

@@ -4,6 +4,7 @@ clean unmount. `serve` is the whole life of one mount in the foreground.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -61,6 +62,21 @@ def mount_options(config: MountConfig) -> set[str]:
 
 
 def check_mountpoint(path: Path) -> None:
+    try:
+        _check_mountpoint(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
+        # "Transport endpoint is not connected": a vm0fs process died and left its mount.
+        if not _is_vm0fs_mount(path):
+            raise MountError(f"{path} is a dead mount of another filesystem: "
+                             f"fusermount3 -u -z {path}") from None
+        log.warning("%s is a dead vm0fs mount (its process ended): unmounting it", path)
+        unmount(path, lazy=True)
+        _check_mountpoint(path)
+
+
+def _check_mountpoint(path: Path) -> None:
     if not path.exists():
         raise MountError(f"mount point {path} does not exist")
     if not path.is_dir():
@@ -72,6 +88,15 @@ def check_mountpoint(path: Path) -> None:
             raise MountError(f"mount point {path} is not empty")
     except PermissionError:
         raise MountError(f"cannot read mount point {path}: permission denied") from None
+
+
+def _is_vm0fs_mount(path: Path) -> bool:
+    try:
+        with open("/proc/self/mounts") as mounts:
+            return any(fields[1] == str(path) and fields[2] == "fuse.vm0fs"
+                       for fields in (line.split() for line in mounts))
+    except OSError:
+        return False
 
 
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
