@@ -102,6 +102,7 @@ def test_members_offsets_modes_and_links(tmp_path: Path) -> None:
         (info("link", tarfile.SYMTYPE, linkname="dir/a.txt"), None),
         (info("hard", tarfile.LNKTYPE, linkname="./dir/a.txt"), None),
         (info("dangling-hard", tarfile.LNKTYPE, linkname="missing"), None),
+        (info("hard-to-link", tarfile.LNKTYPE, linkname="link"), None),
         (info("dev", tarfile.CHRTYPE), None),
         (info("fifo", tarfile.FIFOTYPE), None),
         (info("../escape"), b"no"),
@@ -109,7 +110,9 @@ def test_members_offsets_modes_and_links(tmp_path: Path) -> None:
     ]))
     members, data = index(archive, tmp_path, chunk=1000)
     by_path = {m.path: m for m in members}
-    assert list(by_path) == ["dir", "dir/a.txt", "b.bin", "link", "hard", "abs/file"]
+    assert list(by_path) == ["dir", "dir/a.txt", "b.bin", "link", "hard", "hard-to-link",
+                             "abs/file"]
+    assert by_path["hard-to-link"].kind == LINK and by_path["hard-to-link"].target == "dir/a.txt"
     assert by_path["dir"].kind == DIR and by_path["dir"].mode == 0o750
     assert by_path["dir"].mtime_ns == 1_600_000_000 * 10**9
     assert by_path["dir/a.txt"].mode == 0o755  # setuid dropped

@@ -226,11 +226,12 @@ def member_from_tarinfo(info: tarfile.TarInfo, seen: dict[str, Member]) -> Membe
         # A hard link is the same content as its target, which must come earlier in the archive.
         target_path = normalize_path(info.linkname)
         target = seen.get(target_path) if target_path else None
-        if target is None or target.kind != FILE:
+        if target is None or target.kind == DIR:
             log.debug("left out %r: hard link to missing %r", info.name, info.linkname)
             return None
-        return Member(path, FILE, target.mode, target.mtime_ns, target.size, target.offset,
-                      sparse=target.sparse)
+        # link(2) does not follow symlinks: a hard link to a symlink is the same symlink.
+        return Member(path, target.kind, target.mode, target.mtime_ns, target.size,
+                      target.offset, target.target, target.sparse)
     log.debug("left out %r: device, fifo or unknown type %r", info.name, info.type)
     return None
 

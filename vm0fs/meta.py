@@ -90,9 +90,9 @@ class Listings:
             try:
                 value = await fetch()
             except Unavailable as exc:
-                self._went_offline(exc)
                 if known is None:
                     raise
+                self._went_offline(exc)
                 self.stale = True
                 return known
             if self.stale or self.last_error is not None:

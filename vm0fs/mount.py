@@ -146,10 +146,17 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
 async def _check_access(listings: Listings, api_url: str) -> None:
     """One walk of the artifacts listing: the key works and the server answers (or, offline,
     the last known listing exists). It also warms the listing for the first `ls`."""
+    # Retries are worth a line each once mounted; before, only the outcome is.
+    api_log = logging.getLogger("vm0fs.api")
+    level = api_log.level
+    if not api_log.isEnabledFor(logging.DEBUG):
+        api_log.setLevel(logging.ERROR)
     try:
         await listings.artifacts()
     except Unavailable as exc:
         raise MountError(f"cannot reach the vm0 API at {api_url}: {exc}") from None
+    finally:
+        api_log.setLevel(level)
     if listings.stale:
         log.warning("the API at %s is unreachable: mounting with the last known listings",
                     api_url)
