@@ -529,3 +529,25 @@ def test_extended_attributes_are_opt_in(tmp_path: Path, enabled: bool) -> None:
         assert h.client.downloads == 0
 
     run(tmp_path, client, test)
+
+
+@pytest.mark.timeout(30)
+def test_unmount_during_a_download_ends_promptly(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.chunk = 1024
+    client.add("a1", "big", [tar_gz({"first.txt": b"x", "rest.bin": os.urandom(200_000)})])
+    client.gate = trio.Event()  # never set: the download hangs after its first chunk
+
+    async def main() -> None:
+        cache = Cache(tmp_path / "cache")
+        store = VersionStore(cache, client, InodeTable(pyfuse3.ROOT_INODE + 1))
+        ops = Operations(Listings(client, TTL), store, cache, metadata_ttl=TTL)
+        with trio.fail_after(10):  # the parser thread must not keep the nursery open
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                assert await Harness(ops, client, store).read(
+                    "artifacts/big/current/first.txt") == b"x"
+                nursery.cancel_scope.cancel()
+        assert list(cache.staging.iterdir()) == []
+
+    trio.run(main)

@@ -97,11 +97,12 @@ class Fetch:
                 nursery.start_soon(run_parser)
                 try:
                     await self._receive(sink, on_step)
-                except Exception as exc:
+                except BaseException as exc:  # cancelled too (an unmount): stop the parser
                     errors["receive"] = exc
                     self.progress.end(exc)  # wakes the parser thread
                 finally:
-                    await parsed.wait()
+                    with trio.CancelScope(shield=True):  # the thread ends promptly now
+                        await parsed.wait()
             # A failed download makes the parser fail too: report the cause, not the echo.
             if errors:
                 raise errors.get("receive") or errors["parse"]
