@@ -46,8 +46,10 @@ def test_second_publisher_of_the_same_version_uses_the_first(tmp_path: Path) -> 
     members = [Member("f", FILE, 0o644, 0, 10, 0)]
     os.close(cache.publish(first, members).fd)
     entry = cache.publish(second, members)
+    assert entry.fd != second.fd
     assert os.pread(entry.fd, 10, 0) == b"same bytes"
     os.close(entry.fd)
+    os.close(second.fd)  # left open for the caller, whose readers may still use it
     assert [p.name for p in cache.versions.iterdir()] == ["v1"]
     assert list(cache.staging.iterdir()) == []
 
@@ -80,9 +82,11 @@ def test_eviction_is_lru_and_spares_what_is_open(tmp_path: Path) -> None:
         publish(cache, vid, bytes(1000))
         past = time.time() - 1000 + i * 100
         os.utime(cache.versions / vid, (past, past))
+    cache = Cache(cache.root, max_bytes=2500)  # another process: it knows only the mtimes
     held = cache.open_entry("held")  # a reader holds it open
     assert held is not None
     os.utime(cache.versions / "held", (time.time() - 1000, time.time() - 1000))
+    cache._used.clear()
     cache.evict()
     remaining = sorted(p.name for p in cache.versions.iterdir())
     assert remaining == ["held", "new"]
@@ -98,3 +102,13 @@ def test_eviction_keeps_named_versions(tmp_path: Path) -> None:
     publish(cache, "b", b"2" * 100)
     cache.evict(keep=frozenset({"a"}))
     assert [p.name for p in cache.versions.iterdir()] == ["a"]
+
+
+def test_use_in_this_process_orders_eviction(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c", max_bytes=2500)  # two entries fit, not three
+    for vid in ("a", "b"):
+        publish(cache, vid, bytes(1000))
+    cache.touch("a")  # used after b: b is now the least recently used
+    publish(cache, "c", bytes(1000))
+    cache.evict()
+    assert sorted(p.name for p in cache.versions.iterdir()) == ["a", "c"]

@@ -551,3 +551,17 @@ def test_unmount_during_a_download_ends_promptly(tmp_path: Path) -> None:
         assert list(cache.staging.iterdir()) == []
 
     trio.run(main)
+
+
+def test_uncached_versions_fail_at_once_while_the_api_is_down(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        h.store.offline = lambda: True
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await h.listdir("artifacts/run/current")
+        assert fuse_errno(excinfo) == errno.EIO
+        assert h.client.downloads == 0
+
+    run(tmp_path, client, test)

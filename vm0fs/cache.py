@@ -34,7 +34,7 @@ log = logging.getLogger("vm0fs.cache")
 
 INDEX_FORMAT = 1
 DATA, INDEX, IN_USE = "data.tar", "index.json", "in-use.lock"
-TOUCH_INTERVAL = 60.0  # seconds between last-used updates of one entry
+TOUCH_INTERVAL = 1.0  # seconds between on-disk last-used updates of one entry
 
 
 @dataclass
@@ -68,7 +68,8 @@ class Cache:
         self.versions = root / "versions"
         self.staging = root / "staging"
         self.listings = root / "listings"
-        self._touched: dict[str, float] = {}
+        self._touched: dict[str, float] = {}  # when each folder's mtime was last set
+        self._used: dict[str, float] = {}  # when this process last used each entry
         try:
             for path in (root, self.versions, self.staging, self.listings):
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -135,9 +136,11 @@ class Cache:
         return Entry(fd, members, size)
 
     def touch(self, version_id: str) -> None:
-        """Record that the entry was used (its folder's mtime orders eviction)."""
-        now = time.monotonic()
-        if now - self._touched.get(version_id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+        """Record that the entry was used: its folder's mtime orders eviction across
+        processes; this process also remembers the exact time."""
+        now = time.time()
+        self._used[version_id] = now
+        if now - self._touched.get(version_id, 0.0) < TOUCH_INTERVAL:
             return
         self._touched[version_id] = now
         with contextlib.suppress(OSError):
@@ -156,7 +159,10 @@ class Cache:
         return Staging(version_id, path, fd)
 
     def publish(self, staging: Staging, members: list[Member]) -> Entry:
-        """Make a staged entry visible to everyone; returns it open and shared-locked."""
+        """Make a staged entry visible to everyone; returns it open and shared-locked.
+
+        When another process published the same version first, the returned entry is theirs
+        and `staging.fd` is left open for the caller to close."""
         size = os.fstat(staging.fd).st_size
         index = {"format": INDEX_FORMAT, "version_id": staging.version_id, "tar_size": size,
                  "members": [m.to_json() for m in members]}
@@ -166,16 +172,18 @@ class Cache:
             fcntl.flock(staging.fd, fcntl.LOCK_SH)  # readers welcome from now on
             os.rename(staging.path, self.versions / staging.version_id)
         except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                # Another process published the same version first: its bytes are identical.
-                log.debug("version %s was published by another process", staging.version_id[:12])
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 self.discard(staging)
-                entry = self.open_entry(staging.version_id)
-                if entry is not None:
-                    return entry
-            else:
-                self.discard(staging)
-            raise CacheError(f"cannot publish cache entry: {exc.strerror}") from None
+                raise CacheError(f"cannot publish cache entry: {exc.strerror}") from None
+            # Another process published the same version first: its bytes are identical. The
+            # staging descriptor stays open: readers may still use it until the caller has
+            # moved them to the returned entry, and closes it.
+            log.debug("version %s was published by another process", staging.version_id[:12])
+            entry = self.open_entry(staging.version_id)
+            shutil.rmtree(staging.path, ignore_errors=True)
+            if entry is None:
+                raise CacheError("the cache entry vanished while publishing") from None
+            return entry
         self.touch(staging.version_id)
         return Entry(staging.fd, members, size)
 
@@ -215,7 +223,8 @@ class Cache:
         for folder in self.versions.iterdir():
             try:
                 size = sum(p.stat().st_size for p in folder.iterdir())
-                found.append((folder.name, size, folder.stat().st_mtime))
+                used = max(folder.stat().st_mtime, self._used.get(folder.name, 0.0))
+                found.append((folder.name, size, used))
             except OSError:
                 continue
         return found
@@ -262,6 +271,7 @@ class Cache:
                 return False
             shutil.rmtree(doomed, ignore_errors=True)
             self._touched.pop(version_id, None)
+            self._used.pop(version_id, None)
             return True
         finally:
             os.close(fd)

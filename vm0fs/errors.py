@@ -6,7 +6,7 @@
     |   +-- NotFound            ENOENT (404: unknown artifact or version, version without files)
     |   +-- Unavailable         EIO    (5xx, 429 or transport errors after retries ran out)
     +-- ArchiveError            EIO    (not gzip, not tar, truncated)
-    |   +-- ArchiveTooLarge     EFBIG  (expands past the configured limit: a decompression bomb)
+    |   +-- ArchiveTooLarge     EIO    (expands past the configured limit: a decompression bomb)
     +-- CacheError              EIO    (the local cache cannot be written)
 """
 
@@ -64,7 +64,7 @@ class ArchiveError(Vm0fsError):
 
 
 class ArchiveTooLarge(ArchiveError):
-    errno = errno.EFBIG
+    """A version that expands past the size limit (a decompression bomb, or simply too big)."""
 
 
 class CacheError(Vm0fsError):

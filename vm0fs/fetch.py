@@ -7,6 +7,7 @@ before the archive ends) and by `vm0fs prefetch`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -113,6 +114,9 @@ class Fetch:
             self.fd = None
             raise
         self.fd = entry.fd
+        if entry.fd != staging.fd:  # another process published it first: use theirs
+            on_step()  # readers move to the published file before ours is closed
+            os.close(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
         log.info("version %s: %d members, %.1f MB in %.1f s (%.1f MB/s)", self.version_id[:12],
                  len(self.members), sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)

@@ -35,7 +35,7 @@ from vm0fs.control import (
     status_text,
     to_json,
 )
-from vm0fs.errors import Unauthorized, Vm0fsError, errno_for
+from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import Listings
 from vm0fs.tree import Dir, File, Link, Node
 from vm0fs.versions import VersionState, VersionStore
@@ -55,11 +55,12 @@ _last_logged: dict[str, float] = {}
 REPEAT_LOG_INTERVAL = 60.0  # the same failure is logged at most once a minute
 
 
-def log_once(level: int, message: str, *, exc_info: bool = False) -> None:
-    """Log `message` unless it was logged in the last minute: `ls` in a loop must not flood."""
+def log_once(level: int, key: str, message: str, *, exc_info: bool = False) -> None:
+    """Log `message` unless one with the same key was logged in the last minute: `ls` in a
+    loop must not flood the log."""
     now = time.monotonic()
-    if now - _last_logged.get(message, -REPEAT_LOG_INTERVAL) >= REPEAT_LOG_INTERVAL:
-        _last_logged[message] = now
+    if now - _last_logged.get(key, -REPEAT_LOG_INTERVAL) >= REPEAT_LOG_INTERVAL:
+        _last_logged[key] = now
         log.log(level, "%s", message, exc_info=exc_info)
 
 
@@ -73,13 +74,17 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
         except pyfuse3.FUSEError:
             raise
         except Unauthorized as exc:
-            log_once(logging.ERROR, f"the API rejected the key ({exc}): check VM0_API_KEY")
+            log_once(logging.ERROR, "unauthorized",
+                     f"the API rejected the key ({exc}): check VM0_API_KEY")
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except Exception as exc:  # noqa: BLE001 - the mount must never die
             code = errno_for(exc)
             if code == errno.EIO and not isinstance(exc, OSError):
                 # Our own errors explain themselves; anything else is a bug: keep its traceback.
-                log_once(logging.WARNING, f"{handler.__name__} failed: {exc}",
+                # (The key leaves out the request id, which differs every time.)
+                reason = exc.message if isinstance(exc, ApiError) else str(exc)
+                log_once(logging.WARNING, f"{type(exc).__name__}: {reason}",
+                         f"{handler.__name__} failed: {exc}",
                          exc_info=not isinstance(exc, Vm0fsError))
             raise pyfuse3.FUSEError(code) from None
 

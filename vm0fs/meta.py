@@ -24,6 +24,7 @@ from vm0fs.errors import Unavailable
 log = logging.getLogger("vm0fs.meta")
 
 OFFLINE_BACKOFF = 10.0  # seconds to serve stale listings without asking again after a failure
+STALE_AFTER = 2.0  # seconds a refresh may take before the last known listing answers instead
 
 T = TypeVar("T")
 
@@ -43,6 +44,15 @@ def _artifact_from_dict(raw: dict[str, Any]) -> Artifact:
     return Artifact(**{**raw, "current_version": Version(**current) if current else None})
 
 
+class _Refresh:
+    """One listing request walk under way, and its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: list[Any] = []
+        self.error: Exception | None = None
+
+
 class Listings:
     def __init__(self, client: ListingClient, ttl: float, store: Path | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -53,7 +63,9 @@ class Listings:
         self._fresh: cachetools.TTLCache[str, Any] = cachetools.TTLCache(
             maxsize=100_000, ttl=max(ttl, 1e-9), timer=clock)
         self._known: dict[str, Any] = {}  # last good answer per key, kept past the TTL
-        self._locks: dict[str, trio.Lock] = {}
+        self._refreshes: dict[str, _Refresh] = {}
+        self.nursery: trio.Nursery | None = None  # where refreshes run on past `stale_after`
+        self.stale_after = STALE_AFTER
         self._clock = clock
         self._offline_until = 0.0
         self._offline_backoff = offline_backoff
@@ -78,32 +90,64 @@ class Listings:
                    decode: Callable[[dict[str, Any]], T]) -> list[T]:
         if key in self._fresh:
             return self._fresh[key]
-        lock = self._locks.setdefault(key, trio.Lock())
-        async with lock:  # one walk of the pages per key; the others wait for it
-            if key in self._fresh:
-                return self._fresh[key]
-            known = self._known.get(key)
-            if known is None:
-                known = await trio.to_thread.run_sync(self._load, key, decode)
-            if known is not None and self._clock() < self._offline_until:
-                return known  # the API failed moments ago: do not make every lookup wait
-            try:
-                value = await fetch()
-            except Unavailable as exc:
-                if known is None:
-                    raise
-                self._went_offline(exc)
+        known = self._known.get(key)
+        if known is None:
+            known = await trio.to_thread.run_sync(self._load, key, decode)
+        if known is not None and self.offline:
+            return known  # the API failed moments ago: do not make every lookup wait
+        refresh = self._refreshes.get(key)
+        if refresh is None:  # one walk of the pages per key; the others wait for it
+            refresh = self._refreshes[key] = _Refresh()
+            if self.nursery is not None:
+                self.nursery.start_soon(self._refresh, key, fetch, refresh, known)
+            else:
+                await self._refresh(key, fetch, refresh, known)
+        if known is None:
+            await refresh.done.wait()
+        else:
+            # A slow or failing API must not make `ls` hang: past a moment, the last known
+            # listing answers and the refresh goes on behind it.
+            with trio.move_on_after(self.stale_after):
+                await refresh.done.wait()
+            if not refresh.done.is_set():
                 self.stale = True
                 return known
+        if refresh.error is None:
+            return refresh.value
+        if isinstance(refresh.error, Unavailable) and known is not None:
+            return known
+        raise refresh.error
+
+    async def _refresh(self, key: str, fetch: Callable[[], Awaitable[list[Any]]],
+                       refresh: _Refresh, known: list[Any] | None) -> None:
+        try:
+            value = await fetch()
+        except trio.Cancelled:
+            refresh.error = Unavailable("the listing request was cancelled")
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            refresh.error = exc
+            if isinstance(exc, Unavailable) and known is not None:
+                self._went_offline(exc)
+                self.stale = True
+        else:
             if self.stale or self.last_error is not None:
                 log.warning("the API answers again: listings are fresh")
             self.stale = False
             self.last_error = None
+            refresh.value = value
             self._fresh[key] = value
             if value != known:
                 self._known[key] = value
                 await trio.to_thread.run_sync(self._save, key, value)
-            return value
+        finally:
+            self._refreshes.pop(key, None)
+            refresh.done.set()
+
+    @property
+    def offline(self) -> bool:
+        """Whether the API failed so recently that asking again is not worth the wait."""
+        return self._clock() < self._offline_until
 
     def _went_offline(self, exc: BaseException) -> None:
         if self.last_error is None:

@@ -62,18 +62,27 @@ def mount_options(config: MountConfig) -> set[str]:
 
 
 def check_mountpoint(path: Path) -> None:
-    try:
-        _check_mountpoint(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
+    if _is_dead_mount(path):
         # "Transport endpoint is not connected": a vm0fs process died and left its mount.
         if not _is_vm0fs_mount(path):
             raise MountError(f"{path} is a dead mount of another filesystem: "
-                             f"fusermount3 -u -z {path}") from None
+                             f"fusermount3 -u -z {path}")
         log.warning("%s is a dead vm0fs mount (its process ended): unmounting it", path)
         unmount(path, lazy=True)
+    try:
         _check_mountpoint(path)
+    except OSError as exc:
+        raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
+
+
+def _is_dead_mount(path: Path) -> bool:
+    """statfs always reaches the filesystem's process, where stat may be answered from the
+    kernel's cache of a dead mount's root."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def _check_mountpoint(path: Path) -> None:
@@ -125,6 +134,8 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
             async with trio.open_nursery() as nursery:
+                listings.nursery = nursery
+                store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
                 if cache.max_bytes is not None:
