@@ -714,12 +714,19 @@ def mount_id(path: Path) -> str | None:
     return found
 
 
+def _answers(path: Path) -> bool:
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
 def start_over_dead_mount(srv: DevServer, mountpoint: Path, cache_dir: Path,
                           log_path: Path, *extra: str, timeout: float = 30.0) -> Mount:
     """`vm0fs mount --foreground` on a mount point that still holds a dead vm0fs mount (its
     process was killed): vm0fs is expected to unmount it itself. Waits until a new mount is
     there and answers; on failure nothing is left running."""
-    dead = mount_id(mountpoint)
     args = [*CLI, "mount", str(mountpoint), "--foreground", "--api-url", srv.url,
             "--cache-dir", str(cache_dir), *extra]
     with open(log_path, "wb") as log:
@@ -729,7 +736,10 @@ def start_over_dead_mount(srv: DevServer, mountpoint: Path, cache_dir: Path,
     mount = Mount(mountpoint, proc, cache_dir, log_path, args)
     try:
         deadline = time.monotonic() + timeout
-        while mount_id(mountpoint) in (None, dead):
+        # Mount ids are reused, so wait for a mount that answers statfs (a dead one cannot)
+        # and that our process has announced.
+        while not (mount_id(mountpoint) and _answers(mountpoint) and b"mounted" in
+                   Path(log_path).read_bytes()):
             assert proc.poll() is None, f"exited with {proc.returncode}:\n{mount.log()}"
             assert time.monotonic() < deadline, f"no mount within {timeout} s:\n{mount.log()}"
             time.sleep(0.05)
