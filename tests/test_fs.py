@@ -565,3 +565,14 @@ def test_uncached_versions_fail_at_once_while_the_api_is_down(tmp_path: Path) ->
         assert h.client.downloads == 0
 
     run(tmp_path, client, test)
+
+
+def test_names_longer_than_name_max_are_left_out(tmp_path: Path) -> None:
+    client = FakeClient()
+    long_name = "é" * 128  # 256 bytes in UTF-8, only 128 characters
+    client.add("a1", "run", [tar_gz({f"d/{long_name}": b"x", "d/ok": b"y"})])
+
+    async def test(h: Harness) -> None:
+        assert set(await h.listdir("artifacts/run/current/d")) == {"ok"}
+
+    run(tmp_path, client, test)

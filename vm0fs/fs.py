@@ -499,6 +499,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if not isinstance(handle, list):  # first call: snapshot the entries
             children = await self._children(handle)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("readdir inode %d: %d entries", handle.inode, len(children))
             handle = [(os.fsencode(name), node) for name, node in children.items()]
             self._handles[fh] = handle
         for index in range(start_id, len(handle)):
@@ -525,6 +527,8 @@ class Operations(pyfuse3.Operations):
         state: VersionState = node.owner
         if state.error is not None:
             raise pyfuse3.FUSEError(errno_for(state.error))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("open inode %d of version %s", inode, state.version_id[:12])
         self.store.opened(node)
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
 

@@ -120,8 +120,11 @@ class Listings:
 
     async def _refresh(self, key: str, fetch: Callable[[], Awaitable[list[Any]]],
                        refresh: _Refresh, known: list[Any] | None) -> None:
+        started = time.monotonic()
         try:
             value = await fetch()
+            log.debug("listing %s: %d entries in %.3f s", key, len(value),
+                      time.monotonic() - started)
         except trio.Cancelled:
             refresh.error = Unavailable("the listing request was cancelled")
             raise

@@ -14,6 +14,11 @@ from typing import Any
 from vm0fs.archive import DIR, FILE, LINK, Member
 
 IMPLIED_DIR_MODE = 0o755
+NAME_MAX = 255  # bytes in one path component
+
+
+def _has_long_part(path: str) -> bool:
+    return any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in path.split("/"))
 
 
 class Node:
@@ -105,6 +110,8 @@ class ContentTree:
 
     def add(self, member: Member) -> None:
         self.members += 1
+        if len(member.path) > NAME_MAX // 4 and _has_long_part(member.path):
+            return  # no Linux program could open it, and tar -x leaves it out too
         *parents, name = member.path.split("/")
         parent = self.root
         for part in parents:

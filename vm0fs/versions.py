@@ -151,6 +151,8 @@ class VersionStore:
         try:
             entry = await trio.to_thread.run_sync(self.cache.open_entry, state.version_id)
             if entry is not None:
+                log.debug("version %s: %d members from the cache", state.version_id[:12],
+                          len(entry.members))
                 state.fd = entry.fd
                 state.progress.advance(entry.size)
                 state.progress.end()
