@@ -242,3 +242,30 @@ def test_gnu_sparse_file(tmp_path: Path) -> None:
         rebuilt[run_offset:run_offset + run_length] = data[stored:stored + run_length]
         stored += run_length
     assert bytes(rebuilt) == sparse.read_bytes()
+
+
+def test_read_at_waits_for_the_least_and_returns_what_is_there(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "data.tar", os.O_RDWR | os.O_CREAT, 0o600)
+    progress = Progress()
+    waits: list[int] = []
+    growing = GrowingFile(fd, progress, lambda: waits.append(progress.durable))
+    os.write(fd, b"0123456789")
+    progress.advance(10)
+    assert growing.read_at(2, 3, 100) == b"23456789"  # all that is there, no waiting
+    assert growing.tell() == 0 and not waits
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(growing.read_at(8, 4, 6)))
+    reader.start()
+    for _ in range(1000):  # on_wait comes before blocking
+        if waits:
+            break
+        reader.join(0.01)
+    assert waits == [10] and reader.is_alive()
+    os.write(fd, b"abcdef")
+    progress.advance(16)
+    reader.join(10)
+    assert result == [b"89abcd"]
+    progress.end()
+    assert growing.read_at(14, 512, 1 << 20) == b"ef"  # fewer only where the file ends
+    assert growing.read_at(16, 512, 1 << 20) == b""
+    os.close(fd)
