@@ -11,6 +11,7 @@ Every handler maps every failure to an errno: an exception that escaped would ki
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -45,7 +46,8 @@ log = logging.getLogger("vm0fs.fs")
 CONTENT_TIMEOUT = 24 * 3600.0  # version contents never change
 BLOCK_SIZE = 128 * 1024
 HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
-MIN_NOWAIT_READ = 0  # reads first try the page cache without blocking (RWF_NOWAIT)
+READAHEAD = 8 << 20  # bytes to prefetch after a read that had to wait for the disk
+READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big get prefetched when opened
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -530,6 +532,11 @@ class Operations(pyfuse3.Operations):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("open inode %d of version %s", inode, state.version_id[:12])
         self.store.opened(node)
+        if node.size >= READAHEAD_MIN and state.data_ready and state.fd is not None:
+            # Big files are mostly read through: start reading them off the disk now.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(state.fd, node.offset, min(node.size, READAHEAD_MAX),
+                                 os.POSIX_FADV_WILLNEED)
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
 
     @fuse_errors
@@ -648,7 +655,12 @@ class Operations(pyfuse3.Operations):
 
 
 def _pread_into(fd: int, buf: bytearray, done: int, start: int) -> int:
-    """Fill `buf[done:]` from `fd` at `start + done`, blocking; return the bytes added."""
+    """Fill `buf[done:]` from `fd` at `start + done`, blocking; return the bytes added.
+
+    The data was not in the page cache: ask the kernel to read ahead, so that the next reads
+    of a sequential reader find it there and need no thread."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, start + done, len(buf) - done + READAHEAD, os.POSIX_FADV_WILLNEED)
     view = memoryview(buf)
     total = 0
     while done + total < len(buf):
