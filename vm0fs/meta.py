@@ -130,9 +130,9 @@ class Listings:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to every waiter
             refresh.error = exc
-            if isinstance(exc, Unavailable) and known is not None:
+            if isinstance(exc, Unavailable):
                 self._went_offline(exc)
-                self.stale = True
+                self.stale = known is not None
         else:
             if self.stale or self.last_error is not None:
                 log.warning("the API answers again: listings are fresh")
@@ -154,7 +154,8 @@ class Listings:
 
     def _went_offline(self, exc: BaseException) -> None:
         if self.last_error is None:
-            log.warning("the API is unreachable (%s): serving the last known listings", exc)
+            log.warning("the API is unreachable (%s): serving the last known listings and "
+                        "cached versions", exc)
         self.last_error = exc
         self._offline_until = self._clock() + self._offline_backoff
 
