@@ -93,8 +93,10 @@ class Listings:
         known = self._known.get(key)
         if known is None:
             known = await trio.to_thread.run_sync(self._load, key, decode)
-        if known is not None and self.offline:
-            return known  # the API failed moments ago: do not make every lookup wait
+        if self.offline:  # the API failed moments ago: do not make every lookup wait
+            if known is not None:
+                return known
+            raise Unavailable(f"the API is unreachable ({self.last_error})")
         refresh = self._refreshes.get(key)
         if refresh is None:  # one walk of the pages per key; the others wait for it
             refresh = self._refreshes[key] = _Refresh()
