@@ -91,8 +91,10 @@ class Listings:
         if key in self._fresh:
             return self._fresh[key]
         known = self._known.get(key)
-        if known is None:
+        if known is None and self.store is not None:
             known = await trio.to_thread.run_sync(self._load, key, decode)
+            if key in self._fresh:  # another caller refreshed it meanwhile
+                return self._fresh[key]
         if self.offline:  # the API failed moments ago: do not make every lookup wait
             if known is not None:
                 return known
