@@ -27,6 +27,9 @@ from typing import Any
 import httpx
 import pytest
 
+# Shared test helpers get pytest's assert messages; this must run before any test imports them.
+pytest.register_assert_rewrite("archives", "mounting")
+
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
 HTTP_TIMEOUT = 10.0

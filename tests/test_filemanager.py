@@ -31,11 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.register_assert_rewrite("mounting")  # before it is imported
-
-from conftest import DevServer  # noqa: E402
-from mounting import Mount, MountFactory  # noqa: E402
+from conftest import DevServer
+from mounting import Mount, MountFactory
 
 pytest_plugins = ["mounting"]
 pytestmark = pytest.mark.timeout(120)

@@ -26,14 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import archives
 import pytest
-
-pytest.register_assert_rewrite("archives", "mounting")  # before they are imported
-
-import archives  # noqa: E402
-from archives import Entry, snapshot  # noqa: E402
-from conftest import DevServer, start_dev_server  # noqa: E402
-from mounting import (  # noqa: E402
+from archives import Entry, snapshot
+from conftest import DevServer, start_dev_server
+from mounting import (
     Mount,
     MountFactory,
     bounded,

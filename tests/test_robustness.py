@@ -52,12 +52,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import archives
 import pytest
-
-pytest.register_assert_rewrite("archives", "mounting")  # before they are imported
-
-import archives  # noqa: E402
-from archives import (  # noqa: E402
+from archives import (
     T0,
     M,
     dir_,
@@ -70,8 +67,8 @@ from archives import (  # noqa: E402
     tar_bytes,
     tar_gz,
 )
-from conftest import DevServer  # noqa: E402
-from mounting import (  # noqa: E402
+from conftest import DevServer
+from mounting import (
     CLI,
     REPO,
     Hung,
