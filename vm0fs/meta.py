@@ -135,7 +135,7 @@ class Listings:
         except Exception as exc:  # noqa: BLE001 - handed to every waiter
             refresh.error = exc
             if isinstance(exc, Unavailable):
-                self._went_offline(exc)
+                self._went_offline(exc, serving_stale=known is not None)
                 self.stale = known is not None
         else:
             if self.stale or self.last_error is not None:
@@ -156,8 +156,8 @@ class Listings:
         """Whether the API failed so recently that asking again is not worth the wait."""
         return self._clock() < self._offline_until
 
-    def _went_offline(self, exc: BaseException) -> None:
-        if self.last_error is None:
+    def _went_offline(self, exc: BaseException, serving_stale: bool) -> None:
+        if serving_stale and not self.stale:  # else the caller reports the failure
             log.warning("the API is unreachable (%s): serving the last known listings and "
                         "cached versions", exc)
         self.last_error = exc
