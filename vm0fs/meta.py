@@ -71,6 +71,7 @@ class Listings:
         self._offline_backoff = offline_backoff
         self.last_error: BaseException | None = None
         self.stale = False  # the last answer came from the last known listing
+        self._warned = False  # "serving the last known listings" was logged
         if store is not None:
             store.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -138,8 +139,9 @@ class Listings:
                 self._went_offline(exc, serving_stale=known is not None)
                 self.stale = known is not None
         else:
-            if self.stale or self.last_error is not None:
+            if self._warned:
                 log.warning("the API answers again: listings are fresh")
+            self._warned = False
             self.stale = False
             self.last_error = None
             refresh.value = value
@@ -157,7 +159,8 @@ class Listings:
         return self._clock() < self._offline_until
 
     def _went_offline(self, exc: BaseException, serving_stale: bool) -> None:
-        if serving_stale and not self.stale:  # else the caller reports the failure
+        if serving_stale and not self._warned:  # else the caller reports the failure
+            self._warned = True
             log.warning("the API is unreachable (%s): serving the last known listings and "
                         "cached versions", exc)
         self.last_error = exc
