@@ -436,6 +436,7 @@ def test_evicted_version_is_fetched_again_with_the_same_inodes(tmp_path: Path) -
     async def test(h: Harness) -> None:
         before = await h.resolve("artifacts/one/current/f0")
         assert await h.read("artifacts/one/current/f0") == big["f0"]
+        await h.listdir("artifacts/one/current")  # complete and published before "two"
         await h.read("artifacts/two/current/g")  # over the cap: "one" is idle, so it goes
         await h.listdir("artifacts/two/current")  # until "two" is complete and published
         await h.store.enforce_cache_size()
