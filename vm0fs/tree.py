@@ -8,7 +8,6 @@ implied. Nodes are never reused for something else: a replaced member gets a new
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
 from typing import Any
 
 from vm0fs.archive import DIR, FILE, LINK, Member
@@ -31,10 +30,6 @@ class Node:
         self.mtime_ns = mtime_ns
         self.lookups = 0  # how many references the kernel holds (lookup count)
         self.attrs: Any = None  # cached pyfuse3.EntryAttributes, built by the fs layer
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
 
 
 class Dir(Node):
@@ -147,13 +142,3 @@ class ContentTree:
         node = Dir(self.table.new_inode(), perm, mtime_ns, parent, self.owner)
         self.table.register(node)
         return node
-
-    def walk(self) -> Iterator[tuple[str, Node]]:
-        stack: list[tuple[str, Dir]] = [("", self.root)]
-        while stack:
-            prefix, node = stack.pop()
-            for name, child in node.children.items():
-                path = f"{prefix}{name}"
-                yield path, child
-                if isinstance(child, Dir):
-                    stack.append((path + "/", child))
