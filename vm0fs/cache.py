@@ -135,16 +135,18 @@ class Cache:
         self.touch(version_id)
         return Entry(fd, members, size)
 
-    def touch(self, version_id: str) -> None:
-        """Record that the entry was used: its folder's mtime orders eviction across
-        processes; this process also remembers the exact time."""
-        now = time.time()
-        self._used[version_id] = now
-        if now - self._touched.get(version_id, 0.0) < TOUCH_INTERVAL:
+    def touch(self, version_id: str, when: float | None = None) -> None:
+        """Record that the entry was used (at `when`, default now): its folder's mtime orders
+        eviction across processes; this process also remembers the exact time."""
+        used = time.time() if when is None else when
+        self._used[version_id] = max(used, self._used.get(version_id, 0.0))
+        if abs(used - self._touched.get(version_id, 0.0)) < TOUCH_INTERVAL:
             return
-        self._touched[version_id] = now
-        with contextlib.suppress(OSError):
-            os.utime(self.versions / version_id)
+        try:
+            os.utime(self.versions / version_id, (used, used))
+        except OSError:
+            return  # not published yet: publish sets it
+        self._touched[version_id] = used
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -184,7 +186,8 @@ class Cache:
             if entry is None:
                 raise CacheError("the cache entry vanished while publishing") from None
             return entry
-        self.touch(staging.version_id)
+        # Last used when it was asked for, not when its download ended.
+        self.touch(staging.version_id, self._used.get(staging.version_id))
         return Entry(staging.fd, members, size)
 
     def discard(self, staging: Staging) -> None:

@@ -144,6 +144,7 @@ class VersionStore:
         state.loading = True
         state.error = None
         state.progress = Progress()
+        self.cache.touch(state.version_id)  # asked for now: that is when it was last used
         self._nursery.start_soon(self._load, state, build_tree,
                                  name=f"load {state.version_id[:12]}")
 
@@ -209,12 +210,14 @@ class VersionStore:
     def released(self, node: File) -> None:
         node.owner.open_handles -= 1
 
-    async def enforce_cache_size(self) -> None:
-        """Bring the cache under its cap: idle versions let go of their data first."""
+    async def enforce_cache_size(self, incoming: int = 0) -> None:
+        """Bring the cache under its cap, with room for `incoming` more bytes: idle versions
+        let go of their data first."""
         if self.cache.max_bytes is None:
             return
+        room = max(self.cache.max_bytes - incoming, 0)
         usage = await trio.to_thread.run_sync(self.cache.usage)
-        if usage <= self.cache.max_bytes:
+        if usage <= room:
             return
         busy = set()
         for state in self.states.values():
@@ -223,7 +226,7 @@ class VersionStore:
             elif state.fd is not None and state.fd >= 0:
                 os.close(state.fd)  # drops our shared lock; the next open fetches it again
                 state.fd = None
-        await trio.to_thread.run_sync(self.cache.evict, None, frozenset(busy))
+        await trio.to_thread.run_sync(self.cache.evict, room, frozenset(busy))
 
     def close(self) -> None:
         for state in self.states.values():
