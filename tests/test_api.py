@@ -291,7 +291,7 @@ def test_dot_dot_id_is_not_normalised_away() -> None:
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        (b"<html>oops</html>", "not JSON"),
+        (b"<html>oops</html>", "does not answer like the vm0 Artifacts API"),
         (b'{"items": []}', "'data'"),
         (b'{"data": [{"name": "no id"}]}', "no 'id'"),
         (b'{"data": ["str"]}', "expected an artifact object"),

@@ -60,7 +60,7 @@ def test_cache_clear_refuses_while_a_mount_uses_it(tmp_path: Path) -> None:
         assert vm0fs("cache", "clear", "--force", "--cache-dir", str(cache.root)).returncode == 0
         assert cache.entries() == []
     finally:
-        os.close(held)
+        held.close()
 
 
 @pytest.mark.parametrize("args, message", [

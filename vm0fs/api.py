@@ -10,11 +10,13 @@ Facts this code is built around (see shared/api/behaviour.md):
 from __future__ import annotations
 
 import email.utils
+import errno
 import logging
 import math
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -251,6 +253,31 @@ def _where_blob(url: httpx.URL) -> str:
     return f"GET {url.host}{url.path}"
 
 
+def _hopeless(exc: BaseException) -> str | None:
+    """Why a connection failure cannot heal by retrying for a few seconds (nothing listens at
+    that port, the host name does not exist), or None. Found in the errno behind it."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror) and error.errno in (socket.EAI_NONAME,):
+            return "no such host"
+        if isinstance(error, OSError) and error.errno == errno.ECONNREFUSED:
+            return "connection refused (nothing listens there)"
+        if isinstance(error, BaseExceptionGroup):
+            todo.extend(error.exceptions)
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return None
+
+
+def _body_kind(resp: httpx.Response) -> str:
+    kind = resp.headers.get("content-type", "").split(";", 1)[0].strip()
+    return kind or "no content type"
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -342,6 +369,7 @@ class ApiClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self.request_count = 0
+        self._answered = False  # the API has answered once: a refused connection may heal
         self._client = httpx.AsyncClient(
             base_url=self._base_url,
             headers={"User-Agent": user_agent},
@@ -500,17 +528,29 @@ class ApiClient:
         except httpx.UnsupportedProtocol as exc:  # a bad base URL: retrying cannot help
             raise ApiError(f"{where}: {_describe(exc)}") from exc
         except httpx.TransportError as exc:
+            self._fail_fast(where, exc)
             raise _Retry(_describe(exc)) from exc
         if not resp.is_success:
             raise self._api_failure(resp, where)
         try:
-            return resp.json()
+            body = resp.json()
         except ValueError:
-            raise ApiError(
-                f"{where}: response is not JSON",
-                status=resp.status_code,
-                request_id=resp.headers.get("x-request-id"),
-            ) from None
+            raise self._not_the_api(resp, where) from None
+        self._answered = True
+        return body
+
+    def _not_the_api(self, resp: httpx.Response, where: str) -> ApiError:
+        """An answer no Artifacts API gives: the URL points at some other server."""
+        return ApiError(f"{self._base_url} does not answer like the vm0 Artifacts API ({where} "
+                        f"gave a {_body_kind(resp)} body)", status=resp.status_code,
+                        request_id=resp.headers.get("x-request-id"))
+
+    def _fail_fast(self, where: str, exc: httpx.TransportError) -> None:
+        """Give up at once on a connection that cannot heal, unless the API answered before
+        (then it is restarting, and retries are worth it)."""
+        reason = None if self._answered else _hopeless(exc)
+        if reason:
+            raise Unavailable(f"{where}: {reason}") from exc
 
     async def _open_download(
         self, st: _Download, path: str, params: dict[str, str] | None
@@ -538,11 +578,14 @@ class ApiClient:
             except httpx.UnsupportedProtocol as exc:  # e.g. a Location that is not http(s)
                 raise ApiError(f"{where}: {_describe(exc)}") from exc
             except httpx.TransportError as exc:
+                if from_api:
+                    self._fail_fast(where, exc)
                 cause = _describe(exc)
                 query = request.url.query.decode("ascii", "replace")
                 if query:  # a presigned query is a credential, wherever it shows up
                     cause = cause.replace(query, "<redacted>")
                 raise _Retry(f"{where}: {cause}") from exc
+            self._answered = self._answered or from_api
             status = resp.status_code
             if status in (200, 206):
                 return resp
@@ -623,8 +666,14 @@ class ApiClient:
             message = err
         elif isinstance(body, dict):
             message = _opt_str(body.get("message"))
-        if not message and body is None:
-            message = " ".join(resp.text.split())[:200] or None
+        if not message and body is None and resp.content:
+            text = " ".join(resp.text.split())
+            if _body_kind(resp) == "text/plain" and len(text) <= 200:
+                message = text  # a short message meant for people (a gateway's, say)
+            elif status < 500 and status != 429:  # a 404 here is no API, not "no such artifact"
+                return self._not_the_api(resp, where)
+            else:  # an HTML error page says nothing useful here
+                message = f"{resp.reason_phrase or 'error'} (a {_body_kind(resp)} body)"
         message = self._redact(message or resp.reason_phrase or "request failed")
         if status in _REDIRECTS:  # not for JSON endpoints; a Location query may be a credential
             target = resp.url.join(resp.headers.get("location", ""))

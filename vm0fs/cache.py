@@ -2,10 +2,18 @@
 member index. Version ids are content hashes, so an entry never goes stale.
 
 Layout under the cache directory (owner-only permissions):
+    CACHEDIR.TAG                the marker that says vm0fs made this folder its cache
     versions/<id>/data.tar      the tar bytes
     versions/<id>/index.json    the members, in archive order, and the tar size
     staging/<id>.<pid>.<rand>/  an entry being written; published by renaming it into versions/
     listings/<ns>/...           last known API listings, for offline use (see meta.py)
+    mounts/<pid>.json           one per mount using the cache, locked while it runs
+    in-use.lock                 shared-locked by every mount (also by earlier vm0fs versions)
+
+vm0fs only ever creates, changes or deletes what it can prove is its own: a folder it creates
+gets the marker; an existing folder is used only if it holds the marker, is empty, or has
+exactly the layout earlier vm0fs versions made (no marker then); anything else is refused.
+Inside, only names and layouts vm0fs writes are touched.
 
 Concurrency across processes uses flock on data.tar: a writer holds it exclusively while it
 stages, every reader holds it shared while it uses the entry, and eviction and the clean-up of
@@ -21,11 +29,13 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vm0fs.archive import Member
 from vm0fs.errors import CacheError
@@ -34,6 +44,16 @@ log = logging.getLogger("vm0fs.cache")
 
 INDEX_FORMAT = 1
 DATA, INDEX, IN_USE = "data.tar", "index.json", "in-use.lock"
+MARKER = "CACHEDIR.TAG"
+MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+               "# This file is a cache directory tag created by vm0fs.\n"
+               "# vm0fs only creates, changes or deletes what is inside a folder holding it.\n"
+               "# For information about cache directory tags see https://bford.info/cachedir/\n")
+# What earlier vm0fs versions (before the marker) left at the top of a cache folder.
+LEGACY_DIRS = frozenset({"versions", "staging", "listings"})
+LEGACY_FILES = frozenset({IN_USE, "vm0fs.log"})
+STAGING_NAME = re.compile(r".+\.[0-9a-f]{8}")  # <id>.<pid>.<hex8> or evicted.<id>.<hex8>
+NAMESPACE_NAME = re.compile(r"[0-9a-f]{16}")
 TOUCH_INTERVAL = 1.0  # seconds between on-disk last-used updates of one entry
 
 
@@ -53,6 +73,26 @@ class Staging:
     fd: int  # data.tar, exclusively locked while it is being written
 
 
+@dataclass
+class InUse:
+    """What a mount holds while it uses a cache: the shared lock every version of vm0fs
+    checks, and this mount's record (for `vm0fs cache info`)."""
+
+    fd: int
+    record: int | None
+    path: Path | None
+
+    def close(self) -> None:
+        if self.record is not None and self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.record)
+            self.record = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def _lock(fd: int, kind: int) -> bool:
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -61,29 +101,118 @@ def _lock(fd: int, kind: int) -> bool:
         return False
 
 
+def ownership(root: Path) -> str:
+    """Whether `root` is a vm0fs cache: "marked", "legacy" (made by a vm0fs before the
+    marker), "empty" or "missing"; raises CacheError for anything else."""
+    try:
+        names = set(os.listdir(root))
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        raise CacheError(f"{root} is not a folder: choose another --cache-dir") from None
+    except OSError as exc:
+        raise CacheError(f"cannot use cache directory {root}: {exc.strerror}") from None
+    if not names:
+        return "empty"
+    if MARKER in names and _is_marker(root / MARKER):
+        return "marked"
+    if _is_legacy(root, names):
+        return "legacy"
+    raise CacheError(f"{root} is not a vm0fs cache and not empty: vm0fs will not touch it "
+                     "(choose a new or empty folder for --cache-dir)")
+
+
+def _is_marker(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(MARKER_TEXT.split("\n", 1)[0]) and "created by vm0fs" in head
+
+
+def _is_legacy(root: Path, names: set[str]) -> bool:
+    """The exact layout earlier vm0fs versions wrote: its three folders, nothing foreign,
+    and inside them only entries named and shaped the way vm0fs makes them."""
+    if not names >= LEGACY_DIRS or not names <= LEGACY_DIRS | LEGACY_FILES:
+        return False
+    try:
+        if not all((root / d).is_dir() and not (root / d).is_symlink() for d in LEGACY_DIRS):
+            return False
+        for entry in os.scandir(root / "versions"):
+            if not _is_entry_folder(Path(entry.path)):
+                return False
+        if not all(STAGING_NAME.fullmatch(n) for n in os.listdir(root / "staging")):
+            return False
+        return all(NAMESPACE_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                   for e in os.scandir(root / "listings"))
+    except OSError:
+        return False
+
+
+def _is_entry_folder(folder: Path) -> bool:
+    """A published version folder: data.tar and index.json, nothing else, no links."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return False
+        names = set(os.listdir(folder))
+    except OSError:
+        return False
+    return DATA in names and names <= {DATA, INDEX}
+
+
+def _write_marker(root: Path) -> None:
+    tmp = root / f".{MARKER}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.write_text(MARKER_TEXT)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, root / MARKER)
+
+
 class Cache:
-    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None, *, create: bool = True) -> None:
+        """The cache at `root`, made ready for writing (`create`), or only looked at: then
+        nothing is created and a missing folder reads as an empty cache."""
         self.root = root
         self.max_bytes = max_bytes
         self.versions = root / "versions"
         self.staging = root / "staging"
         self.listings = root / "listings"
+        self.mounts_dir = root / "mounts"
         self._touched: dict[str, float] = {}  # when each folder's mtime was last set
         self._used: dict[str, float] = {}  # when this process last used each entry
+        self.kept: list[tuple[str, int]] = []  # what the last evict left because it was open
+        state = ownership(root)
+        self.exists = state != "missing"
+        if not create:
+            return
         try:
-            for path in (root, self.versions, self.staging, self.listings):
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(root, 0o700)
+            if state == "missing":
+                root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(root, 0o700)  # ours: we just made it
+                state = ownership(root)  # another process may have made it meanwhile
+            if state != "marked":
+                _write_marker(root)
+            for path in (self.versions, self.staging, self.listings, self.mounts_dir):
+                path.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {root}: {exc.strerror}") from None
+        self.exists = True
 
     # -- who uses it ---------------------------------------------------------------------
 
-    def hold_in_use(self) -> int:
-        """Mark the cache as used by a mount until the returned descriptor is closed."""
+    def hold_in_use(self, mountpoint: str = "", api_url: str = "") -> InUse:
+        """Mark the cache as used by a mount until the returned handle is closed."""
         fd = os.open(self.root / IN_USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        return fd
+        path = self.mounts_dir / f"{os.getpid()}.json"
+        try:
+            record = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return InUse(fd, None, None)  # `cache info` will not name this mount: no harm
+        fcntl.flock(record, fcntl.LOCK_EX)
+        os.write(record, json.dumps({"mountpoint": mountpoint, "api_url": api_url,
+                                     "pid": os.getpid()}).encode())
+        return InUse(fd, record, path)
 
     def in_use(self) -> bool:
         """Whether some mount is using this cache right now."""
@@ -96,6 +225,30 @@ class Cache:
         finally:
             os.close(fd)
 
+    def mounts(self) -> list[dict[str, Any]]:
+        """The mounts using this cache now (those that say so: earlier versions did not)."""
+        found = []
+        try:
+            names = sorted(os.listdir(self.mounts_dir))
+        except OSError:
+            return []
+        for name in names:
+            if not re.fullmatch(r"\d+\.json", name):
+                continue
+            try:
+                fd = os.open(self.mounts_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if _lock(fd, fcntl.LOCK_SH):
+                    continue  # its mount has ended (the next mount's clean-up removes it)
+                found.append(json.loads(os.pread(fd, 65536, 0)))
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(fd)
+        return found
+
     def clear(self) -> tuple[int, int]:
         """Remove every entry nobody holds open, and the saved listings; (removed, kept)."""
         removed = kept = 0
@@ -104,12 +257,17 @@ class Cache:
                 removed += 1
             else:
                 kept += 1
-        shutil.rmtree(self.listings, ignore_errors=True)
-        self.listings.mkdir(mode=0o700, exist_ok=True)
+        for namespace in os.listdir(self.listings) if self.listings.is_dir() else []:
+            if NAMESPACE_NAME.fullmatch(namespace):  # only what meta.py writes
+                shutil.rmtree(self.listings / namespace, ignore_errors=True)
         self.clean_staging()
         return removed, kept
 
     # -- reading ---------------------------------------------------------------------------
+
+    def has(self, version_id: str) -> bool:
+        """Whether the version is cached (published), without opening it."""
+        return _is_entry_folder(self.versions / version_id)
 
     def open_entry(self, version_id: str) -> Entry | None:
         """The published entry for `version_id`, shared-locked, or None if there is none."""
@@ -200,7 +358,10 @@ class Cache:
     def clean_staging(self) -> int:
         """Remove entries left half-written by a process that died; return how many."""
         removed = 0
+        self._clean_mount_records()
         for path in self.staging.iterdir():
+            if not STAGING_NAME.fullmatch(path.name):
+                continue  # not a name vm0fs makes: not ours to remove
             try:
                 fd = os.open(path / DATA, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -220,10 +381,37 @@ class Cache:
             log.info("removed %d unfinished download(s) left in the cache", removed)
         return removed
 
+    def _clean_mount_records(self) -> None:
+        """Remove the records of mounts that have ended."""
+        try:
+            names = os.listdir(self.mounts_dir)
+        except OSError:
+            return
+        for name in names:
+            if not re.fullmatch(r"\d+\.json", name):
+                continue
+            try:
+                fd = os.open(self.mounts_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if _lock(fd, fcntl.LOCK_EX):
+                    os.unlink(self.mounts_dir / name)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def entries(self) -> list[tuple[str, int, float]]:
         """(version id, bytes, last used) of every published entry."""
         found = []
-        for folder in self.versions.iterdir():
+        try:
+            folders = list(self.versions.iterdir())
+        except FileNotFoundError:
+            return []
+        for folder in folders:
+            if not _is_entry_folder(folder):
+                continue  # not laid out the way vm0fs publishes: not ours to count or remove
             try:
                 size = sum(p.stat().st_size for p in folder.iterdir())
                 used = max(folder.stat().st_mtime, self._used.get(folder.name, 0.0))
@@ -246,10 +434,12 @@ class Cache:
         entries = sorted(self.entries(), key=lambda e: e[2])
         total = sum(size for _, size, _ in entries)
         freed = 0
+        self.kept = []
         for version_id, size, _ in entries:
             if total <= cap:
                 break
             if version_id in keep or not self._remove_entry(version_id, only_if_unused=True):
+                self.kept.append((version_id, size))
                 continue
             total -= size
             freed += size
@@ -261,8 +451,11 @@ class Cache:
         try:
             fd = os.open(folder / DATA, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            shutil.rmtree(folder, ignore_errors=True)
-            return True
+            # A folder without its data: remove it only if it holds nothing but our index.
+            with contextlib.suppress(OSError):
+                if set(os.listdir(folder)) <= {INDEX}:
+                    shutil.rmtree(folder, ignore_errors=True)
+            return not folder.exists()
         try:
             if only_if_unused and not _lock(fd, fcntl.LOCK_EX):
                 return False

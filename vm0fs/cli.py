@@ -107,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                "\n  vm0fs prefetch ~/vm0/artifacts/eval-results/current   # through a mount",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     prefetch.add_argument("targets", nargs="+", metavar="NAME[/VERSION]|PATH")
-    prefetch.add_argument("--api-url", default=None)
-    prefetch.add_argument("--cache-dir", type=Path, default=None)
+    prefetch.add_argument("--api-url", default=None,
+                          help="fetch NAMEs from this API (default: $VM0_API_URL, else through "
+                               "your running vm0fs mount, else " + DEFAULT_API_URL + ")")
+    prefetch.add_argument("--cache-dir", type=Path, default=None,
+                          help="cache folder for NAMEs fetched from the API (default: the "
+                               "mount's, else $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
 
     cache = commands.add_parser("cache", help="look after the cache: info, clear, prune")
     cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -236,8 +240,14 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
     """Start `vm0fs mount --foreground` detached and wait until it answers or fails."""
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
     log_file = (args.log_file or cache_dir / "vm0fs.log").expanduser().absolute()
+    from vm0fs.cache import Cache
+    from vm0fs.errors import CacheError
+
     try:
-        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        Cache(cache_dir)  # made, or proved ours, before its log file goes in
+    except CacheError as exc:
+        return fail(str(exc))
+    try:
         log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     except OSError as exc:
         return fail(f"cannot write the log file {log_file}: {exc.strerror}")
@@ -316,9 +326,9 @@ def cmd_tools(args: argparse.Namespace) -> int:
         return commands.run(commands.info, args.path, args.json)
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
     if args.command == "prefetch":
-        api_url = (args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/")
+        api_url = (args.api_url or os.environ.get("VM0_API_URL") or "").rstrip("/") or None
         return commands.run(commands.prefetch, args.targets, api_url,
-                            os.environ.get("VM0_API_KEY"), cache_dir)
+                            os.environ.get("VM0_API_KEY"), cache_dir, args.cache_dir is not None)
     if args.cache_command == "info":
         return commands.run(commands.cache_info, cache_dir, args.json)
     if args.cache_command == "clear":
@@ -327,6 +337,27 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure a user can cause ends in one line on stderr and a non-zero status;
+    VM0FS_DEBUG=1 shows the traceback of anything unexpected."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("vm0fs: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("VM0FS_DEBUG"):
+            raise
+        from vm0fs.errors import Vm0fsError
+
+        if isinstance(exc, Vm0fsError):
+            return fail(str(exc))
+        if isinstance(exc, OSError):
+            where = f"{exc.filename}: " if exc.filename else ""
+            return fail(f"{where}{exc.strerror or exc}")
+        return fail(f"unexpected {type(exc).__name__}: {exc} (VM0FS_DEBUG=1 shows where)")
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dev-server":
         from vm0fs import devserver

@@ -4,7 +4,9 @@ status and prints for people (or JSON for scripts); `cli` only parses arguments.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sys
 import threading
@@ -24,12 +26,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from vm0fs.api import DEFAULT_BASE_URL as DEFAULT_API_URL
 from vm0fs.api import ApiClient, Artifact, Version
 from vm0fs.cache import Cache
 from vm0fs.control import CONTROL_DIR, human, status_text
 from vm0fs.errors import Vm0fsError
 from vm0fs.fetch import Fetch
 from vm0fs.fs import HEX_PREFIX, folder_names
+from vm0fs.mounttable import MountEntry, mounts, user_name, vm0fs_mount_of
 
 err = Console(stderr=True, highlight=False)
 
@@ -45,28 +49,48 @@ class CommandError(Vm0fsError):
 class MountPath:
     mountpoint: Path
     artifact: str | None = None  # the artifact's folder name
-    version: str | None = None  # the full version id (links resolved)
+    version: str | None = None  # the full version id (links resolved), or the name as given
     rest: str = ""  # the path inside the version
 
 
 def locate(path: Path) -> MountPath:
-    """Which mount, artifact and version `path` is in."""
-    path = path.expanduser().absolute()
-    mountpoint = path
-    while not (mountpoint / CONTROL_DIR).is_dir() or not os.path.ismount(mountpoint):
-        if mountpoint.parent == mountpoint:
-            raise CommandError(f"{path} is not inside a vm0fs mount")
-        mountpoint = mountpoint.parent
-    parts = path.relative_to(mountpoint).parts
-    found = MountPath(mountpoint)
+    """Which mount, artifact and version `path` is in. The mount is found in the kernel's
+    mount table, so nothing inside it is looked at before we know it answers."""
+    found = vm0fs_mount_of(str(path.expanduser()))
+    if found is None:
+        if not os.path.lexists(path.expanduser()):
+            raise CommandError(f"{path}: no such file or folder")
+        raise CommandError(f"{path} is not inside a vm0fs mount")
+    entry, absolute = found
+    mountpoint = Path(entry.path)
+    check_alive(entry)
+    parts = Path(absolute).relative_to(mountpoint).parts
+    where = MountPath(mountpoint)
     if len(parts) >= 2 and parts[0] == "artifacts":
-        found.artifact = parts[1]
-    if len(parts) >= 3 and found.artifact:
+        where.artifact = parts[1]
+    if len(parts) >= 3 and where.artifact:
         # `current` and id prefixes are symlinks: the real folder is named by the full id.
-        found.version = os.path.realpath(mountpoint / "artifacts" / parts[1] / parts[2])
-        found.version = os.path.basename(found.version)
-        found.rest = "/".join(parts[3:])
-    return found
+        link = mountpoint / "artifacts" / parts[1] / parts[2]
+        where.version = os.path.basename(os.path.realpath(link))
+        where.rest = "/".join(parts[3:])
+    return where
+
+
+def check_alive(entry: MountEntry) -> None:
+    """One line for a mount that cannot answer: dead, or private to another user."""
+    try:
+        os.statvfs(entry.path)  # reaches the mount's process (stat may come from a cache)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise CommandError(f"the vm0fs mount at {entry.path} is dead (its process ended): "
+                               f"vm0fs unmount {entry.path} clears it") from None
+        owner = entry.user_id
+        if exc.errno == errno.EACCES and owner is not None and owner != os.getuid():
+            raise CommandError(f"the vm0fs mount at {entry.path} belongs to {user_name(owner)} "
+                               "and is private to them (unless mounted with --allow-other)"
+                               ) from None
+        raise CommandError(f"cannot reach the vm0fs mount at {entry.path}: "
+                           f"{exc.strerror}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -76,6 +100,13 @@ def read_json(path: Path) -> Any:
         raise CommandError(f"{path} does not exist") from None
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CommandError(f"{path} is not what vm0fs writes there (not JSON)") from None
+
+
+def say(text: str) -> None:
+    """One line on stderr, never wrapped (rich would wrap it at 80 columns in a pipe)."""
+    err.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 # -- status and info -----------------------------------------------------------------------
@@ -90,18 +121,51 @@ def status(mountpoint: Path, as_json: bool) -> int:
     return 0
 
 
+def artifact_data(where: MountPath) -> Any:
+    """The mount's `.vm0fs/info` of the artifact `where` is in; one line if there is none."""
+    assert where.artifact is not None
+    try:
+        return json.loads((where.mountpoint / CONTROL_DIR / "info" / where.artifact).read_bytes())
+    except FileNotFoundError:
+        raise CommandError(f"no artifact named {where.artifact!r} in the mount at "
+                           f"{where.mountpoint}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot read what the mount knows about {where.artifact!r}: "
+                           f"{exc.strerror}") from None
+    except ValueError:
+        raise CommandError(f"the mount at {where.mountpoint} answered nonsense about "
+                           f"{where.artifact!r}") from None
+
+
+def no_version(wanted: str, artifact: str) -> CommandError:
+    if wanted == "current":
+        return CommandError(f"{artifact!r} has no versions")
+    hint = "" if HEX_PREFIX.fullmatch(wanted) else (
+        " (a version is `current`, a full id, or a prefix of 8 or more hex characters)")
+    return CommandError(f"no version {wanted!r} of {artifact!r}{hint}")
+
+
 def info(path: Path, as_json: bool) -> int:
     where = locate(path)
     if where.artifact is None:
         return status(where.mountpoint, as_json)
-    data = read_json(where.mountpoint / CONTROL_DIR / "info" / where.artifact)
+    data = artifact_data(where)
     result: dict[str, Any] = {"artifact": data["artifact"]}
     if where.version is not None:
         matches = [v for v in data["versions"] if v["id"] == where.version]
         if not matches:
-            raise CommandError(f"{where.version[:12]} is not a version of {where.artifact}")
+            raise no_version(where.version, where.artifact)
         result["version"] = matches[0]
         result["path"] = where.rest
+        if where.rest:
+            try:
+                os.lstat(path.expanduser())
+            except FileNotFoundError:
+                raise CommandError(f"no {where.rest!r} in {where.artifact}/"
+                                   f"{where.version[:12]}") from None
+            except OSError as exc:
+                raise CommandError(f"cannot look at {path}: {exc.strerror} "
+                                   f"(vm0fs status {where.mountpoint} says why)") from None
     else:
         result["versions"] = data["versions"]
     if as_json:
@@ -135,29 +199,102 @@ def info(path: Path, as_json: bool) -> int:
 
 
 def progress_bar() -> Progress:
+    # Transient: a bar goes when its work ends; a line then says how it ended.
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                    disable=not err.is_terminal)  # no bar for a log file or a pipe
 
 
-def prefetch(targets: list[str], api_url: str, api_key: str | None, cache_dir: Path) -> int:
-    in_mount = [t for t in targets if os.path.exists(t)]
-    by_name = [t for t in targets if not os.path.exists(t)]
-    failures = sum(prefetch_in_mount(Path(t)) for t in in_mount)
-    if by_name:
-        if not api_key:
-            raise CommandError("no API key: set VM0_API_KEY")
-        failures += trio.run(_prefetch_by_name, by_name, api_url, api_key, cache_dir)
+def looks_like_path(target: str) -> bool:
+    """A path, not NAME[/VERSION]: it exists, is spelled like a path, has more parts than a
+    name and a version, or starts with a folder that exists here."""
+    if os.path.lexists(target) or target.startswith(("/", "./", "../", "~")) or target in (
+            ".", ".."):
+        return True
+    parts = target.strip("/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def prefetch(targets: list[str], api_url: str | None, api_key: str | None, cache_dir: Path,
+             explicit_cache_dir: bool) -> int:
+    """Paths go to the mount they are in; names to the API named by --api-url or
+    VM0_API_URL, else through this user's mount, else to the default API."""
+    failures = 0
+    by_name = []
+    for target in targets:
+        if not looks_like_path(target):
+            by_name.append(target)
+            continue
+        try:
+            failures += prefetch_in_mount(target, Path(target))
+        except CommandError as exc:
+            say(f"vm0fs: {target}: {exc}")
+            failures += 1
+    if not by_name:
+        return 1 if failures else 0
+    mount = None if api_url else chosen_mount()
+    if mount is not None and not explicit_cache_dir:
+        for target in by_name:
+            name, _, version = target.strip("/").partition("/")
+            path = Path(mount.path) / "artifacts" / name / (version or "current")
+            try:
+                failures += prefetch_in_mount(target, path)
+            except CommandError as exc:
+                say(f"vm0fs: {target}: {exc}")
+                failures += 1
+        return 1 if failures else 0
+    if api_url is None and mount is not None:
+        api_url = read_json(Path(mount.path) / CONTROL_DIR / "status.json").get("api_url")
+    if not api_key:
+        raise CommandError("no API key: set VM0_API_KEY")
+    failures += trio.run(_prefetch_by_name, by_name, api_url or DEFAULT_API_URL, api_key,
+                         cache_dir)
     return 1 if failures else 0
 
 
-def prefetch_in_mount(path: Path) -> int:
+def chosen_mount() -> MountEntry | None:
+    """The mount that names go through when no API is given: the one the current folder is
+    in, else this user's only live one."""
+    here = vm0fs_mount_of(os.getcwd())
+    if here is not None:
+        return here[0]
+    mine = [m for m in mounts() if m.is_vm0fs and m.user_id in (None, os.getuid())]
+    live = []
+    for entry in mine:
+        try:
+            os.statvfs(entry.path)
+            live.append(entry)
+        except OSError:
+            continue
+    if len(live) > 1:
+        raise CommandError("several vm0fs mounts are running: give a path inside one "
+                           f"(e.g. {live[0].path}/artifacts/NAME) or --api-url")
+    return live[0] if live else None
+
+
+def prefetch_in_mount(target: str, path: Path) -> int:
     """Ask the mount itself to fetch the version `path` is in, showing its progress."""
     where = locate(path)
-    if where.artifact is None or where.version is None:
-        raise CommandError(f"{path} is not inside a version folder")
-    folder = where.mountpoint / "artifacts" / where.artifact / where.version
+    if where.artifact is None:
+        raise CommandError("not inside an artifact's folder (try MOUNT/artifacts/NAME)")
+    data = artifact_data(where)  # the artifact exists: the rest of the path is next
+    folder = where.mountpoint / "artifacts" / where.artifact
+    # `locate` resolved `current` and prefixes; a name that is not there stays as it was.
+    version = where.version or os.path.basename(os.path.realpath(folder / "current"))
+    matches = [v for v in data["versions"] if v["id"] == version]
+    if not matches:
+        raise no_version(version, where.artifact)
+    label = f"{where.artifact}/{version[:12]}"
+    cache_dir = read_json(where.mountpoint / CONTROL_DIR / "status.json")["cache"]["dir"]
+    if matches[0]["file_count"] == 0:
+        print(f"{label}: empty version, nothing to fetch")
+        return 0
+    if Cache(Path(cache_dir), create=False).has(version):
+        print(f"{label}: already cached")
+        return 0
+    folder = folder / version
     status_file = where.mountpoint / CONTROL_DIR / "status.json"
-    outcome: dict[str, BaseException | None] = {}
+    outcome: dict[str, OSError | None] = {}
 
     def list_all() -> None:  # listing a version waits until it is all there
         try:
@@ -169,56 +306,77 @@ def prefetch_in_mount(path: Path) -> int:
     worker = threading.Thread(target=list_all, daemon=True)
     worker.start()
     with progress_bar() as bar:
-        task = bar.add_task(f"{where.artifact}/{where.version[:12]}", total=None)
+        task = bar.add_task(label, total=matches[0]["size"] or None)
         while worker.is_alive():
             with contextlib.suppress(CommandError, ValueError, KeyError):
                 for d in read_json(status_file)["downloads"]:
-                    if d["version_id"] == where.version:
+                    if d["version_id"] == version:
                         bar.update(task, completed=d["bytes_done"],
                                    total=d["bytes_total"] or None)
             worker.join(0.25)
-        bar.update(task, completed=bar.tasks[0].total or 1, total=bar.tasks[0].total or 1)
-    if outcome.get("error") is not None:
-        err.print(f"vm0fs: {where.artifact}/{where.version[:12]}: {outcome['error']}")
+    error = outcome.get("error")
+    if error is not None:
+        reason = _mount_error_about(status_file, version) or error.strerror
+        say(f"vm0fs: {target}: the mount could not fetch {label}: {reason}")
         return 1
+    print(f"{label}: fetched ({human(matches[0]['size'])})")
     return 0
+
+
+def _mount_error_about(status_file: Path, version_id: str) -> str | None:
+    """The mount's last logged error about this version (its reason), if any."""
+    with contextlib.suppress(CommandError, KeyError, TypeError):
+        for error in reversed(read_json(status_file)["last_errors"]):
+            message = " ".join(error["message"].split())
+            if version_id[:12] in message:  # "artifact ..., version <id>: <reason>"
+                return message.partition(f"version {version_id[:12]}: ")[2] or message
+    return None
 
 
 async def _prefetch_by_name(targets: list[str], api_url: str, api_key: str,
                             cache_dir: Path) -> int:
-    cache = Cache(cache_dir)
+    cache = await trio.to_thread.run_sync(Cache, cache_dir)
+    logging.getLogger("vm0fs.api").setLevel(logging.ERROR)  # the outcome is what counts here
     failures = 0
-    async with ApiClient(api_url, api_key) as client:
-        names = folder_names(await client.list_artifacts())
+    async with ApiClient(api_url, api_key, retry_time=10.0) as client:
+        try:
+            names = folder_names(await client.list_artifacts())
+        except Vm0fsError as exc:
+            raise CommandError(f"cannot list the artifacts at {api_url}: {exc}") from None
         with progress_bar() as bar:
             for target in targets:
                 try:
                     artifact, version = await _resolve(client, names, target)
                     await _fetch_one(client, cache, artifact, version, bar)
-                except Vm0fsError as exc:
-                    err.print(f"vm0fs: {target}: {exc}")
+                except (Vm0fsError, OSError) as exc:
+                    reason = exc if isinstance(exc, Vm0fsError) else exc.strerror
+                    say(f"vm0fs: {target}: {reason}")
                     failures += 1
     return failures
 
 
 async def _resolve(client: ApiClient, names: dict[str, Artifact], target: str
                    ) -> tuple[Artifact, Version]:
-    name, _, wanted = target.partition("/")
+    name, _, wanted = target.strip("/").partition("/")
     artifact = names.get(name) or next((a for a in names.values() if a.id == name), None)
     if artifact is None:
         raise CommandError(f"no artifact named {name!r}")
     versions = await client.list_versions(artifact.id)
     wanted = wanted.strip("/") or "current"
+    asked = wanted
     if wanted == "current":
         wanted = artifact.current_version_id or ""
         if not wanted:
-            raise CommandError("the artifact has no versions")
+            raise no_version("current", name)
     matches = [v for v in versions if v.id == wanted] or (
         [v for v in versions if v.id.startswith(wanted)] if HEX_PREFIX.fullmatch(wanted) else [])
     if len(matches) != 1 and artifact.current_version and artifact.current_version.id == wanted:
         matches = [artifact.current_version]
-    if len(matches) != 1:
-        raise CommandError(f"no single version {wanted!r} in {name}")
+    if len(matches) > 1:
+        raise CommandError(f"{asked!r} matches {len(matches)} versions of {name!r}: "
+                           "give more characters")
+    if not matches:
+        raise no_version(asked, name)
     return artifact, matches[0]
 
 
@@ -228,42 +386,80 @@ async def _fetch_one(client: ApiClient, cache: Cache, artifact: Artifact, versio
     entry = await trio.to_thread.run_sync(cache.open_entry, version.id)
     if entry is not None:
         os.close(entry.fd)
-        bar.console.print(f"{label}: already cached")
+        print(f"{label}: already cached")
         return
     if version.file_count == 0:
-        bar.console.print(f"{label}: empty version, nothing to fetch")
+        print(f"{label}: empty version, nothing to fetch")
         return
     task = bar.add_task(label, total=version.size or None)
     fetch = Fetch(client, cache, artifact.id, version.id, expected_size=version.size)
-    entry = await fetch.run(on_step=lambda: bar.update(task, completed=fetch.progress.durable))
+    try:
+        entry = await fetch.run(on_step=lambda: bar.update(task, completed=fetch.progress.durable))
+    finally:
+        bar.remove_task(task)
     os.close(entry.fd)
-    bar.update(task, total=entry.size, completed=entry.size)
+    print(f"{label}: fetched ({human(entry.size)})")
 
 
 # -- cache upkeep --------------------------------------------------------------------------
 
 
+def version_names(cache: Cache) -> dict[str, str]:
+    """version id -> artifact name, from the listings mounts keep in the cache (see meta.py);
+    best effort: a version no kept listing mentions has no name here."""
+    names: dict[str, str] = {}
+    for namespace in sorted(cache.listings.glob("*/")):
+        artifacts: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            for raw in json.loads((namespace / "artifacts.json").read_text()):
+                artifacts[raw["id"]] = raw["name"]
+                current = raw.get("current_version") or {}
+                if current.get("id"):
+                    names[current["id"]] = raw["name"]
+        for listing in namespace.glob("versions-*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                for raw in json.loads(listing.read_text()):
+                    if raw.get("artifact_id") in artifacts:
+                        names[raw["id"]] = artifacts[raw["artifact_id"]]
+    return names
+
+
 def cache_info(cache_dir: Path, as_json: bool) -> int:
-    cache = Cache(cache_dir)
+    cache = Cache(cache_dir, create=False)  # looking creates nothing
     entries = cache.entries()
-    data = {"dir": str(cache.root), "bytes": sum(e[1] for e in entries),
-            "versions": len(entries), "in_use": cache.in_use(),
-            "entries": [{"version_id": vid, "bytes": size,
+    names = version_names(cache)
+    mounts_now = cache.mounts()
+    data = {"dir": str(cache.root), "exists": cache.exists,
+            "bytes": sum(e[1] for e in entries), "versions": len(entries),
+            "in_use": cache.in_use(), "mounts": mounts_now,
+            "entries": [{"version_id": vid, "artifact": names.get(vid), "bytes": size,
                          "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used))}
                         for vid, size, used in sorted(entries, key=lambda e: -e[2])]}
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    if not cache.exists:
+        print(f"cache:     {data['dir']} (does not exist yet: nothing is cached)")
         return 0
     print(f"cache:     {data['dir']}")
     print(f"size:      {human(data['bytes'])} in {data['versions']} version(s)")
-    print(f"in use:    {'yes, by a mount' if data['in_use'] else 'no'}")
+    if mounts_now:
+        for i, m in enumerate(mounts_now):
+            print(f"{'in use:' if i == 0 else '':<11}by the mount at {m.get('mountpoint')} "
+                  f"({m.get('api_url')}, pid {m.get('pid')})")
+    else:
+        print(f"in use:    {'yes, by a mount of an earlier vm0fs' if data['in_use'] else 'no'}")
     print("cap:       set per mount with --cache-size")
     for e in data["entries"]:
-        print(f"  {e['version_id'][:12]}  {human(e['bytes']):>10}  last used {e['last_used']}")
+        print(f"  {e['version_id'][:12]}  {e['artifact'] or '(artifact unknown)':<24} "
+              f"{human(e['bytes']):>10}  last used {e['last_used']}")
     return 0
 
 
 def cache_clear(cache_dir: Path, force: bool) -> int:
+    if not Cache(cache_dir, create=False).exists:
+        print(f"nothing to clear: there is no cache at {cache_dir}")
+        return 0
     cache = Cache(cache_dir)
     if cache.in_use() and not force:
         raise CommandError(f"a mount is using {cache.root}: unmount it first, or use --force "
@@ -274,9 +470,21 @@ def cache_clear(cache_dir: Path, force: bool) -> int:
 
 
 def cache_prune(cache_dir: Path, max_size: int) -> int:
+    if not Cache(cache_dir, create=False).exists:
+        print(f"nothing to prune: there is no cache at {cache_dir}")
+        return 0
     cache = Cache(cache_dir)
+    before = cache.usage()
+    if before <= max_size:
+        print(f"nothing to free: the cache holds {human(before)}, within {human(max_size)}")
+        return 0
     freed = cache.evict(max_bytes=max_size)
-    print(f"freed {human(freed)}; the cache holds {human(cache.usage())}")
+    line = f"freed {human(freed)}; the cache holds {human(cache.usage())}"
+    if cache.kept:
+        kept_bytes = sum(size for _, size in cache.kept)
+        line += (f"; kept {len(cache.kept)} version(s) ({human(kept_bytes)}) that a mount has "
+                 "open: they go once it lets them go (close the files or unmount)")
+    print(line)
     return 0
 
 
@@ -285,4 +493,8 @@ def run(command: Any, *args: Any) -> int:
         return command(*args)
     except Vm0fsError as exc:
         print(f"vm0fs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a folder we cannot read, a full disk: said in one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vm0fs: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1

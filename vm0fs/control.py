@@ -73,8 +73,9 @@ def status_text(status: dict[str, Any]) -> str:
         f"mounted at:     {status['mountpoint']}",
         f"mounted since:  {status['mounted_since']}",
         f"cache:          {cache['dir']}",
-        f"cache use:      {human(cache['bytes'])} of {human(cache['cap'])}, "
-        f"{cache['versions']} version(s) cached",
+        f"cache use:      {human(cache['bytes'])} "
+        + (f"of a {human(cache['cap'])} cap" if cache["cap"] is not None else "(no cap set)")
+        + f", {cache['versions']} version(s) cached",
     ]
     downloads = status["downloads"]
     lines.append(f"downloads:      {len(downloads) or 'none'}")

@@ -84,6 +84,10 @@ class Listings:
 
         return await self._get(f"versions-{artifact_id}", fetch, lambda raw: Version(**raw))
 
+    def known_artifacts(self) -> list[Artifact]:
+        """The last good artifacts listing held in memory, asking no one (for log lines)."""
+        return self._known.get("artifacts") or []
+
     def invalidate(self) -> None:
         self._fresh.clear()
 

@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,10 @@ import trio
 from vm0fs.api import ApiClient
 from vm0fs.cache import Cache
 from vm0fs.control import RecentErrors
-from vm0fs.errors import Unavailable, Vm0fsError
+from vm0fs.errors import ApiError, Unauthorized, Unavailable, Vm0fsError
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
+from vm0fs.mounttable import mount_at, user_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import VersionStore
 
@@ -64,7 +67,8 @@ def mount_options(config: MountConfig) -> set[str]:
 def check_mountpoint(path: Path) -> None:
     if _is_dead_mount(path):
         # "Transport endpoint is not connected": a vm0fs process died and left its mount.
-        if not _is_vm0fs_mount(path):
+        entry = mount_at(str(path))
+        if entry is None or not entry.is_vm0fs:
             raise MountError(f"{path} is a dead mount of another filesystem: "
                              f"fusermount3 -u -z {path}")
         log.warning("%s is a dead vm0fs mount (its process ended): unmounting it", path)
@@ -99,15 +103,6 @@ def _check_mountpoint(path: Path) -> None:
         raise MountError(f"cannot read mount point {path}: permission denied") from None
 
 
-def _is_vm0fs_mount(path: Path) -> bool:
-    try:
-        with open("/proc/self/mounts") as mounts:
-            return any(fields[1] == str(path) and fields[2] == "fuse.vm0fs"
-                       for fields in (line.split() for line in mounts))
-    except OSError:
-        return False
-
-
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 client: ApiClient | None = None) -> None:
     """Mount, serve until unmounted or signalled, then unmount. Raises MountError early on."""
@@ -116,21 +111,20 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
     async with client:
         cache = await trio.to_thread.run_sync(Cache, config.cache_dir, config.cache_size)
         await trio.to_thread.run_sync(cache.clean_staging)
-        in_use = cache.hold_in_use()  # `vm0fs cache clear` refuses while this is held
+        # `vm0fs cache clear` refuses while this is held; `cache info` names the mount.
+        in_use = cache.hold_in_use(str(config.mountpoint), config.api_url)
         listings = Listings(client, config.metadata_ttl,
                             cache.listings / listing_namespace(config.api_url, config.api_key))
         await _check_access(listings, config.api_url)
         table = InodeTable(pyfuse3.ROOT_INODE + 1)
         store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
+        store.describe = lambda artifact_id: _describe_artifact(listings, artifact_id)
         recent_errors = RecentErrors()
         logging.getLogger("vm0fs").addHandler(recent_errors)
         ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
                          api_url=config.api_url, mountpoint=str(config.mountpoint),
                          xattrs=config.xattrs, recent_errors=recent_errors)
-        try:
-            pyfuse3.init(ops, str(config.mountpoint), mount_options(config))
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount {config.mountpoint}: {exc}") from None
+        _init_fuse(ops, config)
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
             async with trio.open_nursery() as nursery:
@@ -148,10 +142,57 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
             raise
         finally:
             store.close()
-            os.close(in_use)
+            in_use.close()
             pyfuse3.close(unmount=True)
             logging.getLogger("vm0fs").removeHandler(recent_errors)
             log.info("unmounted %s", config.mountpoint)
+
+
+def _describe_artifact(listings: Listings, artifact_id: str) -> str:
+    """`name (id)` for log lines, from the last known listing; the id alone if unknown."""
+    for artifact in listings.known_artifacts():
+        if artifact.id == artifact_id:
+            return f"{artifact.name!r} ({artifact_id})"
+    return artifact_id
+
+
+def _init_fuse(ops: Operations, config: MountConfig) -> None:
+    """pyfuse3.init, with what libfuse and fusermount3 print on stderr caught: their reason for
+    a failure belongs in the one-line error, not only in the log."""
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        failure: RuntimeError | None = None
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), mount_options(config))
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        said = capture.read().decode(errors="replace")
+    if said:
+        sys.stderr.write(said)  # still in the log
+    if failure is not None:
+        raise MountError(mount_failure(config, said, str(failure)))
+
+
+def mount_failure(config: MountConfig, said: str, fallback: str) -> str:
+    """One line: why the kernel mount failed, and what to do about it."""
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    reason = lines[-1] if lines else fallback
+    for prefix in ("fusermount3: ", "fusermount: ", "fuse: "):
+        reason = reason.removeprefix(prefix)
+    hint = ""
+    if "user_allow_other" in reason:
+        hint = ("; add the line user_allow_other to /etc/fuse.conf (as root), "
+                "or mount without --allow-other")
+    elif "no write access to mountpoint" in reason:
+        hint = "; mount on a folder you own, e.g. mkdir -p ~/vm0"
+    elif "/dev/fuse" in reason or "fusermount3" in reason or "device not found" in reason:
+        hint = "; is the fuse3 package installed and /dev/fuse usable here?"
+    return f"cannot mount {config.mountpoint}: {reason}{hint}"
 
 
 async def _check_access(listings: Listings, api_url: str) -> None:
@@ -166,6 +207,12 @@ async def _check_access(listings: Listings, api_url: str) -> None:
         await listings.artifacts()
     except Unavailable as exc:
         raise MountError(f"cannot reach the vm0 API at {api_url}: {exc}") from None
+    except Unauthorized:
+        raise
+    except ApiError as exc:
+        text = str(exc)
+        raise MountError(text if api_url in text else f"cannot use the API at {api_url}: {text}"
+                         ) from None
     finally:
         api_log.setLevel(level)
     if listings.stale:
@@ -182,8 +229,21 @@ async def _stop_on_signal() -> None:
 
 
 def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    """Unmount a vm0fs mount (fusermount3 works for root and for the user who mounted)."""
-    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    """Unmount a vm0fs mount (fusermount3 works for root and for the user who mounted), and
+    nothing else: other filesystems are not ours to unmount."""
+    entry = mount_at(str(mountpoint))
+    if entry is None:
+        if not os.path.lexists(mountpoint):
+            raise MountError(f"{mountpoint} does not exist")
+        raise MountError(f"{mountpoint} is not a mount point")
+    if not entry.is_vm0fs:
+        raise MountError(f"{mountpoint} is not a vm0fs mount (it is {entry.fstype}): "
+                         "vm0fs unmounts only its own mounts")
+    owner = entry.user_id
+    if os.getuid() != 0 and owner is not None and owner != os.getuid():
+        raise MountError(f"{mountpoint} is mounted by {user_name(owner)}: only that user "
+                         "or root can unmount it")
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [entry.path]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
@@ -192,5 +252,6 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
         raise MountError(f"unmounting {mountpoint} timed out") from None
     if result.returncode != 0:
         message = result.stderr.strip().removeprefix("fusermount3: ") or "failed"
+        message = " ".join(message.split())  # one line
         hint = " (a process still uses it: close it, or use --lazy)" if "busy" in message else ""
         raise MountError(f"cannot unmount {mountpoint}: {message}{hint}")

@@ -107,6 +107,7 @@ class VersionStore:
         self.downloads = 0  # archives fetched over the network by this process
         self._nursery: trio.Nursery | None = None
         self.offline: Callable[[], bool] = lambda: False  # skip downloads while the API is down
+        self.describe: Callable[[str], str] = str  # artifact id -> how log lines name it
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Host the load tasks until cancelled."""
@@ -175,7 +176,8 @@ class VersionStore:
             await self.enforce_cache_size()
 
     def _fail(self, state: VersionState, exc: Exception) -> None:
-        log.error("version %s of artifact %s: %s", state.version_id[:12], state.artifact_id, exc)
+        log.error("artifact %s, version %s: %s", self.describe(state.artifact_id),
+                  state.version_id[:12], exc)
         state.error = exc if isinstance(exc, Vm0fsError) else Vm0fsError(str(exc))
         state.failed_at = time.monotonic()
         state.progress.end(exc)
