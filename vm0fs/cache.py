@@ -188,10 +188,11 @@ class Cache:
         try:
             if state == "missing":
                 root.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(root, 0o700)  # ours: we just made it
                 state = ownership(root)  # another process may have made it meanwhile
             if state != "marked":
                 _write_marker(root)
+            if root.stat().st_uid == os.geteuid():  # a cache is private to its owner
+                os.chmod(root, 0o700)
             for path in (self.versions, self.staging, self.listings, self.mounts_dir):
                 path.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:

@@ -80,6 +80,7 @@ def check_alive(entry: MountEntry) -> None:
     """One line for a mount that cannot answer: dead, or private to another user."""
     try:
         os.statvfs(entry.path)  # reaches the mount's process (stat may come from a cache)
+        os.lstat(os.path.join(entry.path, CONTROL_DIR))  # statfs is allowed to other users
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise CommandError(f"the vm0fs mount at {entry.path} is dead (its process ended): "
