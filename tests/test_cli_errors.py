@@ -121,6 +121,25 @@ def test_cache_commands_refuse_a_folder_that_is_not_a_cache(tmp_path: Path,
     assert snapshot(folder) == before
 
 
+def test_prefetch_refuses_a_folder_that_is_not_a_cache(tmp_path: Path) -> None:
+    folder = foreign_folder(tmp_path / "mine")
+    before = snapshot(folder)
+    sock, port = closed_port()
+    with sock:
+        result = vm0fs("prefetch", "some-name", "--cache-dir", str(folder), "--api-url",
+                       f"http://127.0.0.1:{port}", token="k")
+    one_line(result, "is not a vm0fs cache")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["cache", "prune"], ["cache", "prune", "--max-size", "lots"], ["mount"], ["frobnicate"],
+    ["prefetch"], ["mount", "/x", "--metadata-ttl", "soon"],
+], ids=lambda a: " ".join(a))
+def test_usage_mistakes_are_one_line(args: list[str]) -> None:
+    one_line(vm0fs(*args), "--help")
+
+
 @pytest.mark.parametrize("mode", ["background", "foreground"])
 def test_mount_refuses_a_folder_that_is_not_a_cache(tmp_path: Path, mode: str) -> None:
     folder = foreign_folder(tmp_path / "mine")

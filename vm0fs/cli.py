@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from vm0fs import __version__
 
@@ -41,8 +42,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "vm0fs"
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vm0fs: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vm0fs", description="vm0 artifacts as a read-only filesystem.")
     parser.add_argument("--version", action="version", version=f"vm0fs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -229,7 +229,12 @@ def prefetch(targets: list[str], api_url: str | None, api_key: str | None, cache
         try:
             failures += prefetch_in_mount(target, Path(target))
         except CommandError as exc:
-            say(f"vm0fs: {target}: {exc}")
+            first = target.split("/", 1)[0]
+            why = "" if os.path.isabs(target) or not os.path.isdir(first) or (
+                vm0fs_mount_of(first)) else (
+                f" (read as a path because ./{first} exists: to fetch an artifact by name, "
+                "run this elsewhere or give --api-url)")
+            say(f"vm0fs: {about(target, exc)}{why}")
             failures += 1
     if not by_name:
         return 1 if failures else 0
@@ -241,7 +246,7 @@ def prefetch(targets: list[str], api_url: str | None, api_key: str | None, cache
             try:
                 failures += prefetch_in_mount(target, path)
             except CommandError as exc:
-                say(f"vm0fs: {target}: {exc}")
+                say(f"vm0fs: {about(target, exc)}")
                 failures += 1
         return 1 if failures else 0
     if api_url is None and mount is not None:
@@ -251,6 +256,12 @@ def prefetch(targets: list[str], api_url: str | None, api_key: str | None, cache
     failures += trio.run(_prefetch_by_name, by_name, api_url or DEFAULT_API_URL, api_key,
                          cache_dir)
     return 1 if failures else 0
+
+
+def about(target: str, exc: Exception) -> str:
+    """`target: reason`, without saying the target twice."""
+    text = str(exc)
+    return text if text.startswith(target) else f"{target}: {text}"
 
 
 def chosen_mount() -> MountEntry | None:
