@@ -6,6 +6,7 @@ import gzip
 import logging
 import math
 import random
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
@@ -966,3 +967,75 @@ def test_unsupported_scheme_is_not_retried() -> None:
     with pytest.raises(ApiError, match="unsupported protocol") as info:
         run(go)
     assert type(info.value) is ApiError and clock.sleeps == [] and len(seen) == 2
+
+
+def _refused() -> httpx.ConnectError:
+    """What httpx raises under trio when nothing listens: the errno sits deep in the chain."""
+    group = ExceptionGroup("all attempts failed", [ConnectionRefusedError(111, "refused")])
+    error = httpx.ConnectError("all attempts to connect to 127.0.0.1:1 failed")
+    error.__cause__ = OSError("all attempts to connect to 127.0.0.1:1 failed")
+    error.__cause__.__cause__ = group
+    return error
+
+
+@pytest.mark.parametrize("failure", [
+    _refused, lambda: httpx.ConnectError("x"),
+], ids=["refused", "plain"])
+def test_a_refused_first_contact_fails_at_once(failure: Callable[[], Exception]) -> None:
+    """Nothing listening, and the API never answered: retrying cannot help. A connect error
+    whose cause is unknown is retried as before."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise failure()
+
+    client, clock, seen = make(handler)
+    with pytest.raises(Unavailable) as info:
+        run(client.list_artifacts)
+    if failure is _refused:
+        assert "connection refused" in str(info.value) and len(seen) == 1 and clock.sleeps == []
+    else:
+        assert len(seen) > 1 and clock.sleeps
+
+
+def test_an_unknown_host_fails_at_once() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = httpx.ConnectError("[Errno -2] Name or service not known")
+        error.__cause__ = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        raise error
+
+    client, clock, seen = make(handler)
+    with pytest.raises(Unavailable, match="no such host"):
+        run(client.list_artifacts)
+    assert len(seen) == 1 and clock.sleeps == []
+
+
+def test_a_refused_connection_after_the_api_answered_is_retried() -> None:
+    """The API answered before: it is restarting, and a retry may well find it back."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls in (2, 3):
+            raise _refused()
+        return httpx.Response(200, json=page([art(1)], None, False))
+
+    client, clock, _ = make(handler)
+
+    async def twice() -> list[Any]:
+        await client.list_artifacts()
+        return await client.list_artifacts()
+
+    assert [a.id for a in run(twice)] == ["a1"]
+    assert calls == 4 and len(clock.sleeps) == 2
+
+
+@pytest.mark.parametrize("status", [200, 404, 403])
+def test_another_web_server_is_named_as_such(status: int) -> None:
+    html = "<html><head><title>Welcome</title></head><body>" + "x" * 500 + "</body></html>"
+    client, _, _ = make(lambda r: httpx.Response(status, text=html,
+                                                 headers={"content-type": "text/html"}))
+    with pytest.raises(ApiError) as info:
+        run(client.list_artifacts)
+    text = str(info.value)
+    assert "does not answer like the vm0 Artifacts API" in text and "<" not in text
+    assert not isinstance(info.value, NotFound | Unavailable)
