@@ -301,9 +301,10 @@ def prefetch_in_mount(target: str, path: Path) -> int:
     if matches[0]["file_count"] == 0:
         print(f"{label}: empty version, nothing to fetch")
         return 0
-    if Cache(Path(cache_dir), create=False).has(version):
-        print(f"{label}: already cached")
-        return 0
+    with contextlib.suppress(Vm0fsError):  # a cache we may not read: then we just ask
+        if Cache(Path(cache_dir), create=False).has(version):
+            print(f"{label}: already cached")
+            return 0
     folder = folder / version
     status_file = where.mountpoint / CONTROL_DIR / "status.json"
     outcome: dict[str, OSError | None] = {}
@@ -410,7 +411,7 @@ async def _fetch_one(client: ApiClient, cache: Cache, artifact: Artifact, versio
     finally:
         bar.remove_task(task)
     os.close(entry.fd)
-    print(f"{label}: fetched ({human(entry.size)})")
+    print(f"{label}: fetched ({human(version.size or entry.size)})")
 
 
 # -- cache upkeep --------------------------------------------------------------------------
@@ -494,8 +495,8 @@ def cache_prune(cache_dir: Path, max_size: int) -> int:
     line = f"freed {human(freed)}; the cache holds {human(cache.usage())}"
     if cache.kept:
         kept_bytes = sum(size for _, size in cache.kept)
-        line += (f"; kept {len(cache.kept)} version(s) ({human(kept_bytes)}) that a mount has "
-                 "open: they go once it lets them go (close the files or unmount)")
+        line += (f"; kept {len(cache.kept)} version(s) ({human(kept_bytes)}) that a running "
+                 "mount holds open: unmount it first, or give the mount a --cache-size")
     print(line)
     return 0
 
