@@ -140,6 +140,20 @@ def test_usage_mistakes_are_one_line(args: list[str]) -> None:
     one_line(vm0fs(*args), "--help")
 
 
+@pytest.mark.parametrize("url, fragment", [
+    ("notaurl", "not an http:// or https:// URL"), ("ftp://host", "not an http:// or https://"),
+    ("http://[::1", "is not a URL"),
+])
+def test_a_url_that_cannot_be_the_api(tmp_path: Path, url: str, fragment: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = snapshot(tmp_path)
+    for args in (["mount", str(mnt)], ["mount", str(mnt), "--foreground"], ["prefetch", "x"]):
+        one_line(vm0fs(*args, "--api-url", url, "--cache-dir", str(tmp_path / "c"), token="k"),
+                 fragment)
+    assert snapshot(tmp_path) == before and not is_mounted(mnt)
+
+
 @pytest.mark.parametrize("mode", ["background", "foreground"])
 def test_mount_refuses_a_folder_that_is_not_a_cache(tmp_path: Path, mode: str) -> None:
     folder = foreign_folder(tmp_path / "mine")

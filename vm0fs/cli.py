@@ -37,6 +37,26 @@ def parse_size(text: str) -> int:
     return int(float(number) * 1024**power)
 
 
+def positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} leaves no room at all (try 10G, 512M)")
+    return size
+
+
+def check_api_url(url: str) -> str | None:
+    """Why `url` cannot be an API base URL, or None."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"the API URL {url!r} is not a URL ({exc})"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"the API URL {url!r} is not an http:// or https:// URL"
+    return None
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vm0fs"
@@ -68,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache folder (default: $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
     mount.add_argument("--metadata-ttl", type=float, default=60.0, metavar="SECONDS",
                        help="how long listings are cached (default: 60)")
-    mount.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
+    mount.add_argument("--cache-size", type=positive_size, default=None, metavar="SIZE",
                        help="cap the cache, e.g. 10G (default: no cap)")
-    mount.add_argument("--max-version-size", type=parse_size, default=None, metavar="SIZE",
+    mount.add_argument("--max-version-size", type=positive_size, default=None, metavar="SIZE",
                        help="refuse versions that expand past SIZE (default: the cache cap "
                             "and the free disk space)")
     mount.add_argument("--allow-other", action="store_true",
@@ -171,11 +191,15 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
         return _report(args, "no API key: set VM0_API_KEY")
+    api_url = (args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/")
+    problem = check_api_url(api_url)
+    if problem:
+        return _report(args, problem)
     if args.foreground and args.key_fd is None:
         _reexec_without_key(key, argv)  # does not return
     config = MountConfig(
         mountpoint=args.mountpoint.expanduser().absolute(),
-        api_url=(args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/"),
+        api_url=api_url,
         api_key=key,
         cache_dir=(args.cache_dir or default_cache_dir()).expanduser().absolute(),
         metadata_ttl=args.metadata_ttl,
@@ -204,6 +228,9 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     except Vm0fsError as exc:
         logging.getLogger("vm0fs").debug("mount failed", exc_info=True)
         return _report(args, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the waiting parent must hear why, in one line
+        logging.getLogger("vm0fs").exception("mount failed")
+        return _report(args, f"unexpected {type(exc).__name__}: {exc} (the log has the details)")
     return 0
 
 
@@ -335,6 +362,9 @@ def cmd_tools(args: argparse.Namespace) -> int:
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
     if args.command == "prefetch":
         api_url = (args.api_url or os.environ.get("VM0_API_URL") or "").rstrip("/") or None
+        problem = api_url and check_api_url(api_url)
+        if problem:
+            return fail(problem)
         return commands.run(commands.prefetch, args.targets, api_url,
                             os.environ.get("VM0_API_KEY"), cache_dir, args.cache_dir is not None)
     if args.cache_command == "info":

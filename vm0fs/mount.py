@@ -211,6 +211,8 @@ async def _check_access(listings: Listings, api_url: str) -> None:
         raise
     except ApiError as exc:
         text = str(exc)
+        if exc.status == 404 and api_url.rstrip("/").endswith("/v1"):
+            text += " (give the base URL, without /v1)"
         raise MountError(text if api_url in text else f"cannot use the API at {api_url}: {text}"
                          ) from None
     finally:
