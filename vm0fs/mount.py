@@ -113,18 +113,23 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         await trio.to_thread.run_sync(cache.clean_staging)
         # `vm0fs cache clear` refuses while this is held; `cache info` names the mount.
         in_use = cache.hold_in_use(str(config.mountpoint), config.api_url)
-        listings = Listings(client, config.metadata_ttl,
-                            cache.listings / listing_namespace(config.api_url, config.api_key))
-        await _check_access(listings, config.api_url)
-        table = InodeTable(pyfuse3.ROOT_INODE + 1)
-        store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
-        store.describe = lambda artifact_id: _describe_artifact(listings, artifact_id)
-        recent_errors = RecentErrors()
+        try:
+            listings = Listings(client, config.metadata_ttl,
+                                cache.listings / listing_namespace(config.api_url,
+                                                                   config.api_key))
+            await _check_access(listings, config.api_url)
+            table = InodeTable(pyfuse3.ROOT_INODE + 1)
+            store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
+            store.describe = lambda artifact_id: _describe_artifact(listings, artifact_id)
+            recent_errors = RecentErrors()
+            ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
+                             api_url=config.api_url, mountpoint=str(config.mountpoint),
+                             xattrs=config.xattrs, recent_errors=recent_errors)
+            _init_fuse(ops, config)
+        except BaseException:
+            in_use.close()  # no mount: the cache is not in use after all
+            raise
         logging.getLogger("vm0fs").addHandler(recent_errors)
-        ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
-                         api_url=config.api_url, mountpoint=str(config.mountpoint),
-                         xattrs=config.xattrs, recent_errors=recent_errors)
-        _init_fuse(ops, config)
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
             async with trio.open_nursery() as nursery:
