@@ -486,7 +486,8 @@ class ApiClient:
             body = await self._get_json(path, params)
             data = body.get("data") if isinstance(body, dict) else None
             if not isinstance(data, list):
-                raise ApiError(f"{where}: response has no 'data' list")
+                raise ApiError(f"{self._base_url} does not answer like the vm0 Artifacts API "
+                               f"({where}: the response has no 'data' list)")
             for raw in data:
                 item = parse(raw, where)
                 items.setdefault(item.id, item)
