@@ -527,3 +527,19 @@ def test_an_ordinary_user_gets_the_reason_in_one_line(dev_server: Any, tmp_path:
             if is_mounted(path):
                 subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.skipif(not _as_user_possible(),
+                    reason="needs root, setpriv and a Python an ordinary user can run")
+def test_another_users_mount_is_left_alone(dev_server: Any, mount_vm0fs: MountFactory,
+                                           tmp_path: Path) -> None:
+    srv = dev_server(tmp_path / "data", "--demo")
+    m = mount_vm0fs(srv)  # root's
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI]
+    for args, fragments in ((["unmount", str(m.path)], ["mounted by root"]),
+                            (["unmount", "--lazy", str(m.path)], ["mounted by root"]),
+                            (["status", str(m.path)], ["belongs to root"])):
+        result = subprocess.run([*as_nobody, *args], cwd="/", env=mount_env(None),
+                                capture_output=True, text=True, timeout=60)
+        one_line(result, *fragments)
+    assert is_mounted(m.path)
