@@ -72,6 +72,7 @@ def status_text(status: dict[str, Any]) -> str:
         + ("  (unreachable: serving the last known listings)" if status["offline"] else ""),
         f"mounted at:     {status['mountpoint']}",
         f"mounted since:  {status['mounted_since']}",
+        f"opens:          {status['open_mode']}",
         f"cache:          {cache['dir']}",
         f"cache use:      {human(cache['bytes'])} of {human(cache['cap'])}, "
         f"{cache['versions']} version(s) cached",

@@ -22,11 +22,17 @@ from vm0fs.archive import Member, Progress
 from vm0fs.cache import Cache
 from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fetch import Downloader, Fetch
-from vm0fs.tree import ContentTree, Dir, File, InodeTable
+from vm0fs.tree import ContentTree, Dir, InodeTable
 
 log = logging.getLogger("vm0fs.versions")
 
 PUBLISH_BATCH = 2048  # members added to the tree between two checkpoints of the event loop
+# A version read this recently is never evicted by the cache cap. Eviction cannot count open
+# files (in the stateless mode there are no opens to count); a reader idle for longer finds
+# the data gone and its next read brings it back.
+RECENTLY_READ = 300.0
+TOUCH_INTERVAL = 60.0  # how often reads of one version update its last use in the cache
+CAP_CHECK_INTERVAL = 10.0  # seconds between two checks of the cache cap
 
 
 class VersionState:
@@ -44,7 +50,9 @@ class VersionState:
         self.error: BaseException | None = None
         self.failed_at = 0.0
         self.loading = False
-        self.open_handles = 0
+        self.last_read = -float("inf")  # monotonic time of the last read of its data
+        self.last_touch = -TOUCH_INTERVAL
+        self.reads_in_flight = 0
         self.expected_size = 0  # the API's uncompressed size, for progress reports
         self.fetch: Fetch | None = None  # the download under way, if any
         self._changed = trio.Event()
@@ -97,14 +105,17 @@ class VersionStore:
     """Starts and tracks the loads of versions; owns the worker tasks."""
 
     def __init__(self, cache: Cache, client: Downloader, table: InodeTable, *,
-                 max_version_bytes: int | None = None, retry_failed_after: float = 5.0) -> None:
+                 max_version_bytes: int | None = None, retry_failed_after: float = 5.0,
+                 recently_read: float = RECENTLY_READ) -> None:
         self.cache = cache
         self.client = client
         self.table = table
         self.max_version_bytes = max_version_bytes
         self.retry_failed_after = retry_failed_after
+        self.recently_read = recently_read
         self.states: dict[tuple[str, str], VersionState] = {}
         self.downloads = 0  # archives fetched over the network by this process
+        self._last_used: VersionState | None = None
         self._nursery: trio.Nursery | None = None
         self.offline: Callable[[], bool] = lambda: False  # skip downloads while the API is down
 
@@ -145,6 +156,7 @@ class VersionStore:
         state.error = None
         state.progress = Progress()
         self.cache.touch(state.version_id)  # asked for now: that is when it was last used
+        state.last_touch = time.monotonic()
         self._nursery.start_soon(self._load, state, build_tree,
                                  name=f"load {state.version_id[:12]}")
 
@@ -198,17 +210,27 @@ class VersionStore:
             state.fetch = None
         state.fd = entry.fd
 
-    # -- open files and eviction -------------------------------------------------------
+    # -- reads and eviction -------------------------------------------------------------
 
-    def opened(self, node: File) -> None:
-        state: VersionState = node.owner
-        state.open_handles += 1
-        self.cache.touch(state.version_id)  # least recently *used* goes first
+    def reading(self, state: VersionState) -> None:
+        """A file of `state` is opened or read: keep it from eviction, record the use."""
+        now = time.monotonic()
+        state.last_read = now
+        # Least recently *used* goes first: record a use when another version was used in
+        # between, and now and then (not at every read of a `grep -r`).
+        if state is not self._last_used or now - state.last_touch >= TOUCH_INTERVAL:
+            self._last_used = state
+            state.last_touch = now
+            self.cache.touch(state.version_id)
         if state.fd is None and not state.loading and state.error is None:
             self._start(state, build_tree=False)  # its data was evicted: fetch it again
 
-    def released(self, node: File) -> None:
-        node.owner.open_handles -= 1
+    async def keep_cache_size(self) -> None:
+        """Check the cap now and then: versions kept over it because they were read recently
+        go once they have been idle long enough (and another process may share the cache)."""
+        while True:
+            await self.enforce_cache_size()
+            await trio.sleep(CAP_CHECK_INTERVAL)
 
     async def enforce_cache_size(self, incoming: int = 0) -> None:
         """Bring the cache under its cap, with room for `incoming` more bytes: idle versions
@@ -220,8 +242,9 @@ class VersionStore:
         if usage <= room:
             return
         busy = set()
+        recent = time.monotonic() - self.recently_read
         for state in self.states.values():
-            if state.loading or state.open_handles > 0:
+            if state.loading or state.reads_in_flight or state.last_read > recent:
                 busy.add(state.version_id)
             elif state.fd is not None and state.fd >= 0:
                 os.close(state.fd)  # drops our shared lock; the next open fetches it again
