@@ -210,6 +210,7 @@ class Operations(pyfuse3.Operations):
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
         self._handles: dict[int, Any] = {}
         self._next_handle = 1
+        store.bursts.name_of = self._folder_name
 
     def _control_dir(self) -> Dir:
         control = Dir(self.table.new_inode(), 0o555, self.root.mtime_ns, self.root)
@@ -227,6 +228,12 @@ class Operations(pyfuse3.Operations):
         self.info_dir = InfoDir(self.table.new_inode(), control)
         control.children["info"] = self.table.register(self.info_dir)
         return control
+
+    def _folder_name(self, artifact_id: str) -> str:
+        for name, node in self.artifacts_dir.children.items():
+            if isinstance(node, ArtifactDir) and node.artifact.id == artifact_id:
+                return name
+        return artifact_id
 
     async def status(self) -> dict[str, Any]:
         """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
@@ -248,6 +255,10 @@ class Operations(pyfuse3.Operations):
                       "cap": self.cache.max_bytes, "versions": len(entries)},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
+            "listing_only_downloads": {"total": self.store.listing_only,
+                                       "queued": self.store.listing_queue,
+                                       "at_once": self.store.listing_slots},
+            "notice": self.store.bursts.notice,
             "last_errors": list(self.recent_errors.records),
         }
 
@@ -380,10 +391,11 @@ class Operations(pyfuse3.Operations):
         folder.aliases[name] = alias
         return alias
 
-    def _state(self, folder: VersionDir) -> VersionState:
+    def _state(self, folder: VersionDir, use: bool = False) -> VersionState:
+        """`use`: a name inside was looked up (not just the folder listed): see versions.py."""
         state = self.store.get(folder.artifact_id, folder.version.id, folder,
                                ns(folder.version.created_at), folder.version.file_count,
-                               folder.version.size)
+                               folder.version.size, use=use)
         if state is not folder.state:
             folder.state = state
             folder.attrs = None
@@ -457,7 +469,7 @@ class Operations(pyfuse3.Operations):
             await self._refresh_artifacts()
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
-        state = self._state(parent) if isinstance(parent, VersionDir) else parent.owner
+        state = self._state(parent, use=True) if isinstance(parent, VersionDir) else parent.owner
         if state is not None:
             await state.wait_name(parent, name)
         return parent.children.get(name)
@@ -549,6 +561,7 @@ class Operations(pyfuse3.Operations):
         end = min(off + size, node.size)
         if off >= end:
             return b""
+        self.store.reading(node.owner)  # the first sign of a read when opens are stateless
         if node.sparse is not None:
             return await self._read_sparse(node, off, end)
         return await self._read_range(node, node.offset + off, end - off)

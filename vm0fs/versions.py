@@ -5,6 +5,13 @@ A `VersionState` belongs to one version folder. Its `load` task fills the folder
 if the version is there, or else downloads it: the HTTP stream is inflated into a staging file
 by one worker thread while another reads tar headers from the same file and publishes members
 (see archive.py). Waiters sleep on a trio Event that is replaced at every step.
+
+Downloads are scheduled by who asked. A version only *listed* so far (its folder read with
+readdir, as a file manager does to count the items of every folder it shows) downloads through
+a queue, LISTING_DOWNLOADS at a time, newest request first. Naming a path inside a version
+(lookup) or reading a file of it is use: that download starts at once, and a queued one jumps
+the queue. A run of listing-only downloads of one artifact's versions is reported once (see
+ListingBurst): it is the signature of GNOME Files counting items on a "local" filesystem.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +35,10 @@ from vm0fs.tree import ContentTree, Dir, File, InodeTable
 log = logging.getLogger("vm0fs.versions")
 
 PUBLISH_BATCH = 2048  # members added to the tree between two checkpoints of the event loop
+LISTING_DOWNLOADS = 1  # downloads that only listings asked for, at once; the rest queue
+BURST_VERSIONS = 3  # listing-only downloads of one artifact's versions in a row that we report
+BURST_GAP = 10.0  # seconds between one and the next (asked, or the last ended) to be "in a row"
+GNOME_SETTING = "gsettings set org.gnome.nautilus.preferences show-directory-item-counts 'never'"
 
 
 class VersionState:
@@ -47,6 +59,9 @@ class VersionState:
         self.open_handles = 0
         self.expected_size = 0  # the API's uncompressed size, for progress reports
         self.fetch: Fetch | None = None  # the download under way, if any
+        self.used = False  # a path inside was looked up or a file read: its loads go first
+        self.slot = False  # holds one of the listing-only download slots
+        self.turn: trio.Event | None = None  # set when a queued listing-only load may go
         self._changed = trio.Event()
 
     @property
@@ -93,11 +108,52 @@ class VersionState:
         return self.fd
 
 
+class ListingBurst:
+    """Notices listing-only downloads of one artifact's versions in a row, none of them read,
+    and says once what is going on and how to stop it."""
+
+    def __init__(self, slots: int = LISTING_DOWNLOADS) -> None:
+        self.slots = slots
+        self.notice: dict[str, Any] | None = None  # the first burst seen, for `vm0fs status`
+        self.name_of: Callable[[str], str] = lambda artifact_id: artifact_id
+        self._runs: dict[str, tuple[float, list[VersionState]]] = {}  # artifact -> last, run
+
+    def listed(self, state: VersionState, now: float | None = None) -> None:
+        """A download that only a listing asked for is about to start (or queue)."""
+        now = time.monotonic() if now is None else now
+        last, run = self._runs.get(state.artifact_id, (0.0, []))
+        if now - last > BURST_GAP or any(s.used for s in run):
+            run = []
+        run.append(state)
+        self._runs[state.artifact_id] = (now, run)
+        if len(run) >= BURST_VERSIONS and self.notice is None:
+            self._report(state.artifact_id, len(run))
+
+    def ended(self, state: VersionState, now: float | None = None) -> None:
+        """A listing-only download ended: the next one in a row counts from here."""
+        entry = self._runs.get(state.artifact_id)
+        if entry is not None and state in entry[1]:
+            self._runs[state.artifact_id] = (time.monotonic() if now is None else now, entry[1])
+
+    def _report(self, artifact_id: str, count: int) -> None:
+        name = self.name_of(artifact_id)
+        message = (
+            f"artifacts/{name}: {count} versions in a row were downloaded only to list their "
+            "folders, none read. A file manager is counting the items of every folder it shows "
+            "(GNOME Files/Nautilus does on local disks, and FUSE mounts count as local); "
+            f"listing-only downloads run {self.slots} at a time and reads go first. "
+            f"To stop it in GNOME: {GNOME_SETTING}")
+        self.notice = {"time": time.time(), "artifact": name, "artifact_id": artifact_id,
+                       "versions": count, "message": message, "fix": GNOME_SETTING}
+        log.warning("%s", message)
+
+
 class VersionStore:
     """Starts and tracks the loads of versions; owns the worker tasks."""
 
     def __init__(self, cache: Cache, client: Downloader, table: InodeTable, *,
-                 max_version_bytes: int | None = None, retry_failed_after: float = 5.0) -> None:
+                 max_version_bytes: int | None = None, retry_failed_after: float = 5.0,
+                 listing_downloads: int = LISTING_DOWNLOADS) -> None:
         self.cache = cache
         self.client = client
         self.table = table
@@ -105,6 +161,11 @@ class VersionStore:
         self.retry_failed_after = retry_failed_after
         self.states: dict[tuple[str, str], VersionState] = {}
         self.downloads = 0  # archives fetched over the network by this process
+        self.listing_slots = listing_downloads
+        self.listing_only = 0  # of them, asked for by listings alone
+        self._listing_running = 0
+        self._queue: deque[VersionState] = deque()  # listing-only downloads waiting for a slot
+        self.bursts = ListingBurst(listing_downloads)
         self._nursery: trio.Nursery | None = None
         self.offline: Callable[[], bool] = lambda: False  # skip downloads while the API is down
 
@@ -116,21 +177,29 @@ class VersionStore:
             await trio.sleep_forever()
 
     def get(self, artifact_id: str, version_id: str, root: Dir, created_ns: int,
-            file_count: int, size: int = 0) -> VersionState:
-        """The state of a version folder, starting its load if nothing usable is under way."""
+            file_count: int, size: int = 0, *, use: bool = False) -> VersionState:
+        """The state of a version folder, starting its load if its tree is not there.
+
+        `use`: a path inside was named (lookup), not just the folder listed; the load goes
+        first. The data of a version whose tree is complete is fetched again only for a read
+        (`reading`): a listing or a lookup needs the tree alone."""
         key = (artifact_id, version_id)
         state = self.states.get(key)
         if state is not None:
             if state.error is None:
-                if state.fd is None and not state.loading:  # data released: fetch it again
-                    self._start(state, build_tree=False)
+                if use:
+                    self._use(state)
+                elif state.turn is not None:
+                    self._ask_again(state)
                 return state
             if time.monotonic() - state.failed_at < self.retry_failed_after:
                 return state  # failed moments ago: answer EIO again rather than hammer the API
         root.children = {}  # a failed load's partial tree goes
         state = VersionState(artifact_id, version_id, root, self.table, created_ns)
         state.expected_size = size
+        state.used = use
         self.states[key] = state
+        log.debug("version %s: asked for by a %s", version_id[:12], "lookup" if use else "listing")
         if file_count == 0:  # nothing to download: the service has no archive for it
             state.fd = -1
             state.progress.end()
@@ -164,11 +233,17 @@ class VersionStore:
             elif self.offline():
                 raise Unavailable("the API is unreachable and this version is not cached")
             else:
+                if not state.used:
+                    self.bursts.listed(state)
+                    await self._listing_turn(state)
                 await self._download(state, build_tree)
             state.tree_complete = True
         except Exception as exc:  # noqa: BLE001 - every failure becomes EIO for this version
             self._fail(state, exc)
         finally:
+            self._release_slot(state)
+            if not state.used:
+                self.bursts.ended(state)
             state.loading = False
             state.notify()
         if self.cache.max_bytes is not None and state.error is None:
@@ -180,6 +255,69 @@ class VersionStore:
         state.failed_at = time.monotonic()
         state.progress.end(exc)
         state.fd = None
+
+    # -- who goes first ----------------------------------------------------------------------
+
+    async def _listing_turn(self, state: VersionState) -> None:
+        """Wait until this listing-only download may run: a slot is free, or a lookup or a read
+        of the version made it a use (then it runs at once, without a slot)."""
+        if state.used:
+            return
+        self.listing_only += 1
+        if self._listing_running < self.listing_slots and not self._queue:
+            self._take_slot(state)
+            return
+        turn = state.turn = trio.Event()
+        self._queue.append(state)
+        log.debug("version %s: listing-only download queued (%d waiting)",
+                  state.version_id[:12], len(self._queue))
+        try:
+            await turn.wait()
+        finally:
+            state.turn = None
+            if state in self._queue:  # cancelled while waiting
+                self._queue.remove(state)
+
+    def _take_slot(self, state: VersionState) -> None:
+        state.slot = True
+        self._listing_running += 1
+
+    def _release_slot(self, state: VersionState) -> None:
+        if state.slot:
+            state.slot = False
+            self._listing_running -= 1
+        while self._queue and self._listing_running < self.listing_slots:
+            following = self._queue.pop()  # the newest request: the likeliest to be a person
+            self._take_slot(following)
+            assert following.turn is not None
+            following.turn.set()
+
+    def _ask_again(self, state: VersionState) -> None:
+        """A queued version was listed again: it becomes the newest request."""
+        if state in self._queue and self._queue[-1] is not state:
+            self._queue.remove(state)
+            self._queue.append(state)
+
+    def _use(self, state: VersionState) -> None:
+        """A path inside the version was named or a file read: no more waiting for a slot."""
+        if state.used:
+            return
+        state.used = True
+        if state.turn is not None and state in self._queue:
+            self._queue.remove(state)
+            state.turn.set()
+            log.debug("version %s: used; its download leaves the queue", state.version_id[:12])
+
+    def reading(self, state: VersionState) -> None:
+        """A file of this version is being read (open, or the first read without open): its
+        download goes first, and data released to keep the cache under its cap comes back."""
+        self._use(state)
+        if state.fd is None and not state.loading and state.error is None:
+            self._start(state, build_tree=False)
+
+    @property
+    def listing_queue(self) -> int:
+        return len(self._queue)
 
     async def _download(self, state: VersionState, build_tree: bool) -> None:
         self.downloads += 1
@@ -204,8 +342,7 @@ class VersionStore:
         state: VersionState = node.owner
         state.open_handles += 1
         self.cache.touch(state.version_id)  # least recently *used* goes first
-        if state.fd is None and not state.loading and state.error is None:
-            self._start(state, build_tree=False)  # its data was evicted: fetch it again
+        self.reading(state)
 
     def released(self, node: File) -> None:
         node.owner.open_handles -= 1
