@@ -180,6 +180,7 @@ def test_a_burst_of_listing_only_downloads_is_reported_once(
     async def test(h: Harness) -> None:
         for vid in ids[:2]:
             await listdir(h, f"artifacts/reports/{vid}")
+            await h.lookup(f"artifacts/reports/{vid}/README.md")  # `ls -l`: the tree answers
         assert h.store.bursts.notice is None
         await listdir(h, f"artifacts/reports/{ids[2]}")
         notice = h.store.bursts.notice

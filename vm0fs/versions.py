@@ -181,13 +181,14 @@ class VersionStore:
         """The state of a version folder, starting its load if its tree is not there.
 
         `use`: a path inside was named (lookup), not just the folder listed; the load goes
-        first. The data of a version whose tree is complete is fetched again only for a read
-        (`reading`): a listing or a lookup needs the tree alone."""
+        first. A lookup the tree already answers (`ls -l` after a listing) is no use. The data
+        of a version whose tree is complete is fetched again only for a read (`reading`): a
+        listing or a lookup needs the tree alone."""
         key = (artifact_id, version_id)
         state = self.states.get(key)
         if state is not None:
             if state.error is None:
-                if use:
+                if use and not state.tree_complete:  # a lookup that has to wait for it
                     self._use(state)
                 elif state.turn is not None:
                     self._ask_again(state)
