@@ -16,8 +16,7 @@ import pytest
 import trio
 from test_fs import FakeClient, Harness, run, tar_gz
 
-from vm0fs.tree import Dir, InodeTable
-from vm0fs.versions import BURST_GAP, GNOME_SETTING, ListingBurst, VersionState
+from vm0fs.versions import BURST_GAP, GNOME_SETTING, ListingBurst
 
 
 class GatedClient(FakeClient):
@@ -189,7 +188,8 @@ def test_a_burst_of_listing_only_downloads_is_reported_once(
         for vid in [*ids[3:], *others]:
             await listdir(h, f"artifacts/{'reports' if vid in ids else 'logs'}/{vid}")
         status = json.loads(await h.read(".vm0fs/status.json"))
-        assert status["notice"]["message"] == notice["message"]
+        assert status["notice"]["artifact"] == "logs"  # the latest run; logged only once
+        assert status["notice"]["fix"] == GNOME_SETTING
         assert status["listing_only_downloads"]["total"] == 8
         text = (await h.read(".vm0fs/status")).decode()
         assert "notice:" in text and GNOME_SETTING in text
@@ -201,31 +201,33 @@ def test_a_burst_of_listing_only_downloads_is_reported_once(
     assert len(said) == 1 and said[0].startswith("artifacts/reports: 3 versions in a row")
 
 
-def test_burst_detection_needs_a_run_of_unread_versions() -> None:
+def test_burst_detection_needs_a_run_of_unused_versions(
+        caplog: pytest.LogCaptureFixture) -> None:
     burst = ListingBurst()
-    table = InodeTable(2)
-
-    def state(artifact: str, n: int) -> VersionState:
-        return VersionState(artifact, f"{n:064x}", Dir(table.new_inode(), 0o555), table, 0)
-
-    a = [state("a", n) for n in range(4)]
-    b = [state("b", n) for n in range(2)]
     # Two artifacts interleaved: two versions each is not a burst.
-    for t, s in enumerate([a[0], b[0], a[1], b[1]]):
-        burst.listed(s, now=float(t))
+    for t, (artifact, version) in enumerate([("a", "a0"), ("b", "b0"), ("a", "a1"),
+                                             ("b", "b1")]):
+        burst.listed(artifact, version, now=float(t))
     assert burst.notice is None
     # A pause longer than the gap starts a new run, counted from the last download's end.
-    burst.ended(a[1], now=5.0)
-    burst.listed(a[2], now=5.0 + BURST_GAP + 1)
+    burst.ended("a", "a1", now=5.0)
+    burst.listed("a", "a2", now=5.0 + BURST_GAP + 1)
+    burst.listed("a", "a3", now=6.0 + BURST_GAP)
     assert burst.notice is None
-    # A version of the run that was used (looked up or read) breaks it.
-    a[2].used = True
-    burst.listed(a[3], now=6.0 + BURST_GAP)
-    burst.listed(state("a", 9), now=7.0 + BURST_GAP)
+    # A version of the run that was used (looked into or read) breaks it.
+    burst.used("a", "a2")
+    burst.listed("a", "a4", now=7.0 + BURST_GAP)
+    burst.listed("a", "a5", now=8.0 + BURST_GAP)
     assert burst.notice is None
-    burst.listed(state("a", 10), now=8.0 + BURST_GAP)
-    assert burst.notice is not None and burst.notice["versions"] == 3
-    assert burst.notice["artifact_id"] == "a"
+    with caplog.at_level(logging.WARNING, logger="vm0fs.versions"):
+        burst.listed("a", "a6", now=9.0 + BURST_GAP)
+        assert burst.notice is not None and burst.notice["versions"] == 3
+        assert burst.notice["artifact_id"] == "a"
+        # Later runs update what `vm0fs status` shows, and are not logged again.
+        for n, version in enumerate(["b2", "b3", "b4"]):
+            burst.listed("b", version, now=10.0 + BURST_GAP + n)
+    assert burst.notice["artifact_id"] == "b"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["artifacts/a"]
 
 
 def test_unmount_while_listings_wait_in_the_queue(tmp_path: Path) -> None:

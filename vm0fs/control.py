@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import logging
+import textwrap
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,7 +90,9 @@ def status_text(status: dict[str, Any]) -> str:
                      "queued)")
     notice = status["notice"]
     if notice:
-        lines.append(f"notice:         {iso(notice['time'])} {notice['message']}")
+        lines += textwrap.wrap(f"{iso(notice['time'])} {notice['summary']}", width=100,
+                               initial_indent="notice:         ", subsequent_indent=" " * 16)
+        lines += [" " * 16 + "To stop it in GNOME:", " " * 18 + notice["fix"]]
     errors = status["last_errors"]
     lines.append(f"last errors:    {len(errors) or 'none'}")
     lines += [f"  {e['time']} {e['level']}: {e['message']}" for e in errors[-10:]]

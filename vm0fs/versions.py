@@ -109,43 +109,56 @@ class VersionState:
 
 
 class ListingBurst:
-    """Notices listing-only downloads of one artifact's versions in a row, none of them read,
-    and says once what is going on and how to stop it."""
+    """Notices listing-only downloads of one artifact's versions in a row, none of them used,
+    and says once (in the log) what is going on and how to stop it; `notice` keeps the latest
+    such run for `vm0fs status`. Holds version ids only, never a version's state."""
 
     def __init__(self, slots: int = LISTING_DOWNLOADS) -> None:
         self.slots = slots
-        self.notice: dict[str, Any] | None = None  # the first burst seen, for `vm0fs status`
+        self.notice: dict[str, Any] | None = None
         self.name_of: Callable[[str], str] = lambda artifact_id: artifact_id
-        self._runs: dict[str, tuple[float, list[VersionState]]] = {}  # artifact -> last, run
+        # artifact id -> (when the run last moved, the versions in it)
+        self._runs: dict[str, tuple[float, list[str]]] = {}
 
-    def listed(self, state: VersionState, now: float | None = None) -> None:
+    def listed(self, artifact_id: str, version_id: str, now: float | None = None) -> None:
         """A download that only a listing asked for is about to start (or queue)."""
         now = time.monotonic() if now is None else now
-        last, run = self._runs.get(state.artifact_id, (0.0, []))
-        if now - last > BURST_GAP or any(s.used for s in run):
+        last, run = self._runs.get(artifact_id, (0.0, []))
+        if now - last > BURST_GAP:
             run = []
-        run.append(state)
-        self._runs[state.artifact_id] = (now, run)
-        if len(run) >= BURST_VERSIONS and self.notice is None:
-            self._report(state.artifact_id, len(run))
+        run.append(version_id)
+        self._runs[artifact_id] = (now, run)
+        if len(run) >= BURST_VERSIONS:
+            self._report(artifact_id, len(run))
+        if len(self._runs) > 64:  # forget runs that ended long ago
+            self._runs = {a: r for a, r in self._runs.items() if now - r[0] <= BURST_GAP}
 
-    def ended(self, state: VersionState, now: float | None = None) -> None:
+    def ended(self, artifact_id: str, version_id: str, now: float | None = None) -> None:
         """A listing-only download ended: the next one in a row counts from here."""
-        entry = self._runs.get(state.artifact_id)
-        if entry is not None and state in entry[1]:
-            self._runs[state.artifact_id] = (time.monotonic() if now is None else now, entry[1])
+        entry = self._runs.get(artifact_id)
+        if entry is not None and version_id in entry[1]:
+            self._runs[artifact_id] = (time.monotonic() if now is None else now, entry[1])
+
+    def used(self, artifact_id: str, version_id: str) -> None:
+        """A version was looked into or read: its run is a person at work, not a count."""
+        entry = self._runs.get(artifact_id)
+        if entry is not None and version_id in entry[1]:
+            del self._runs[artifact_id]
 
     def _report(self, artifact_id: str, count: int) -> None:
         name = self.name_of(artifact_id)
-        message = (
+        summary = (
             f"artifacts/{name}: {count} versions in a row were downloaded only to list their "
-            "folders, none read. A file manager is counting the items of every folder it shows "
-            "(GNOME Files/Nautilus does on local disks, and FUSE mounts count as local); "
-            f"listing-only downloads run {self.slots} at a time and reads go first. "
-            f"To stop it in GNOME: {GNOME_SETTING}")
+            "folders, none read: what a file manager does when it counts the items of every "
+            "folder it shows (GNOME Files/Nautilus does on local disks, and FUSE mounts count "
+            f"as local). Such downloads run {self.slots} at a time; reads go first.")
+        message = f"{summary} To stop it in GNOME: {GNOME_SETTING}"
+        first = self.notice is None
         self.notice = {"time": time.time(), "artifact": name, "artifact_id": artifact_id,
-                       "versions": count, "message": message, "fix": GNOME_SETTING}
-        log.warning("%s", message)
+                       "versions": count, "summary": summary, "fix": GNOME_SETTING,
+                       "message": message}
+        if first:
+            log.warning("%s", message)
 
 
 class VersionStore:
@@ -235,7 +248,7 @@ class VersionStore:
                 raise Unavailable("the API is unreachable and this version is not cached")
             else:
                 if not state.used:
-                    self.bursts.listed(state)
+                    self.bursts.listed(state.artifact_id, state.version_id)
                     await self._listing_turn(state)
                 await self._download(state, build_tree)
             state.tree_complete = True
@@ -244,7 +257,7 @@ class VersionStore:
         finally:
             self._release_slot(state)
             if not state.used:
-                self.bursts.ended(state)
+                self.bursts.ended(state.artifact_id, state.version_id)
             state.loading = False
             state.notify()
         if self.cache.max_bytes is not None and state.error is None:
@@ -304,6 +317,7 @@ class VersionStore:
         if state.used:
             return
         state.used = True
+        self.bursts.used(state.artifact_id, state.version_id)
         if state.turn is not None and state in self._queue:
             self._queue.remove(state)
             state.turn.set()
