@@ -163,7 +163,8 @@ class Desktop:
                                 start_new_session=True, **kwargs)
         self.groups.append(proc.pid)
         self.procs.append(proc)
-        watchdog.add(proc.pid)  # the leader at least, if this process dies without clean-up
+        # If pytest dies without cleaning up, the watchdog signals the whole group (-pgid).
+        watchdog.add(-proc.pid)
         return proc
 
     def _xvfb(self) -> str:
@@ -227,7 +228,7 @@ class Desktop:
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(STOP_TIMEOUT)
-            watchdog.remove(proc.pid)
+            watchdog.remove(-proc.pid)
         left = [pgid for pgid in self.groups if group_alive(pgid)]
         assert not left, f"process groups still running after clean-up: {left}"
 
