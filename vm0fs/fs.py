@@ -241,6 +241,7 @@ class Operations(pyfuse3.Operations):
             cachetools.LRUCache(LISTING_SNAPSHOTS))
         self._stale_listings: set[int] = set()
         self._listings_changed = trio.Event()
+        store.bursts.name_of = self._folder_name
 
     @property
     def open_mode(self) -> str:
@@ -287,6 +288,12 @@ class Operations(pyfuse3.Operations):
         control.children["info"] = self.table.register(self.info_dir)
         return control
 
+    def _folder_name(self, artifact_id: str) -> str:
+        for name, node in self.artifacts_dir.children.items():
+            if isinstance(node, ArtifactDir) and node.artifact.id == artifact_id:
+                return name
+        return artifact_id
+
     async def status(self) -> dict[str, Any]:
         """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
         entries = await trio.to_thread.run_sync(self.cache.entries)
@@ -308,6 +315,10 @@ class Operations(pyfuse3.Operations):
                       "cap": self.cache.max_bytes, "versions": len(entries)},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
+            "listing_only_downloads": {"total": self.store.listing_only,
+                                       "queued": self.store.listing_queue,
+                                       "at_once": self.store.listing_slots},
+            "notice": self.store.bursts.notice,
             "last_errors": list(self.recent_errors.records),
         }
 
@@ -444,10 +455,11 @@ class Operations(pyfuse3.Operations):
         folder.aliases[name] = alias
         return alias
 
-    def _state(self, folder: VersionDir) -> VersionState:
+    def _state(self, folder: VersionDir, use: bool = False) -> VersionState:
+        """`use`: a name inside was looked up (not just the folder listed): see versions.py."""
         state = self.store.get(folder.artifact_id, folder.version.id, folder,
                                ns(folder.version.created_at), folder.version.file_count,
-                               folder.version.size)
+                               folder.version.size, use=use)
         if state is not folder.state:
             folder.state = state
             folder.attrs = None
@@ -522,7 +534,7 @@ class Operations(pyfuse3.Operations):
             await self._refresh_artifacts()
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
-        state = self._state(parent) if isinstance(parent, VersionDir) else parent.owner
+        state = self._state(parent, use=True) if isinstance(parent, VersionDir) else parent.owner
         if state is not None:
             await state.wait_name(parent, name)
         return parent.children.get(name)
