@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -133,3 +134,14 @@ def test_readers_of_a_version_that_is_still_downloading(dev_server: type[DevServ
     assert results == files
     assert sorted(m.run(os.listdir, root)) == sorted(files)
     assert srv.stats()["requests"]["download"] == 1
+
+
+def test_ls_a_shows_dot_entries_and_control_files_have_a_real_mtime(
+        dev_server: type[DevServer], mount_vm0fs: MountFactory, tmp_path: Path) -> None:
+    write_artifact(tmp_path / "data", "run", [tar_gz([reg("d/a.txt", "a\n")])])
+    m = mount_vm0fs(dev_server(tmp_path / "data"))
+    for folder in (m.path, m.artifacts, m.artifacts / "run" / "current" / "d"):
+        listed = m.run(subprocess.run, ["ls", "-a", str(folder)], capture_output=True,
+                       text=True, check=True).stdout.split()
+        assert listed[:2] == [".", ".."], (folder, listed)
+    assert m.run(os.stat, m.path / ".vm0fs" / "status").st_mtime > time.time() - 3600
