@@ -84,17 +84,26 @@ class FakeClient:
         self.artifacts.append(artifact(aid, name, versions))
         return ids
 
-    async def list_artifacts(self) -> list[Artifact]:
+    async def list_artifacts(self, on_more: Any = None) -> list[Artifact]:
         self.list_calls += 1
         if self.list_error:
             raise self.list_error
         return list(self.artifacts)
 
-    async def list_versions(self, artifact_id: str) -> list[Version]:
+    async def list_versions(self, artifact_id: str, on_more: Any = None) -> list[Version]:
         self.list_calls += 1
         if self.list_error:
             raise self.list_error
         return list(self.versions[artifact_id])
+
+    async def get_artifact(self, artifact_id: str) -> Artifact:
+        self.list_calls += 1
+        if self.list_error:
+            raise self.list_error
+        for found in self.artifacts:
+            if found.id == artifact_id:
+                return found
+        raise NotFound(f"no artifact {artifact_id}")
 
     async def download(self, artifact_id: str, version_id: str | None = None
                        ) -> AsyncIterator[bytes]:

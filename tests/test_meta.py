@@ -24,7 +24,7 @@ class SlowClient:
         self.hanging = False
         self.error: Exception | None = None
 
-    async def list_artifacts(self) -> list[Artifact]:
+    async def list_artifacts(self, on_more: object = None) -> list[Artifact]:
         self.calls += 1
         if self.hanging:
             await self.hang.wait()
@@ -32,7 +32,7 @@ class SlowClient:
             raise self.error
         return list(self.artifacts)
 
-    async def list_versions(self, artifact_id: str) -> list[Version]:
+    async def list_versions(self, artifact_id: str, on_more: object = None) -> list[Version]:
         return []
 
 

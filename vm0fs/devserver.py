@@ -15,7 +15,8 @@ SIGTERM stop the server with exit code 0.
 Token: --token, else the VM0_API_KEY environment variable, else `dev-token`. Every /v1 route
 wants `Authorization: Bearer <token>`.
 
-Data dir layout (rescanned on every API request, so files can be added while it runs):
+Data dir layout (rescanned on every API request, so files can be added while it runs; a request
+about one known artifact rescans that artifact's folder only):
 
     DIR/<folder>/                one artifact per folder (names starting with "." are ignored)
     DIR/<folder>/*.tar.gz        one version per archive; version id = SHA-256 of its bytes
@@ -276,6 +277,7 @@ class Store:
         self._rebuilt = False  # some folder changed since the caches were last pruned
         # (artifact id, version id) -> archive path, refreshed by every scan, for the blob origin.
         self._index: dict[tuple[str, str], Path] = {}
+        self._homes: dict[str, str] = {}  # artifact id -> its folder, as of the last scan
 
     def _info(self, path: Path, key: tuple[int, int]) -> ArchiveInfo:
         with self._lock:
@@ -314,6 +316,9 @@ class Store:
                 self._archives = {k: v for k, v in self._archives.items() if k in paths}
                 self._rebuilt = False
             self._index = {(v.artifact_id, v.id): v.path for a in artifacts for v in a.versions}
+            self._homes = {}
+            for a in artifacts:
+                self._homes.setdefault(a.id, str(a.folder))
         return artifacts
 
     def _folder(self, folder: str, folder_mtime_ns: int) -> Artifact:
@@ -395,6 +400,17 @@ class Store:
         )
 
     def get(self, artifact_id: str) -> Artifact:
+        """One artifact: its own folder is rescanned when it is known, else every folder (a
+        data dir of thousands of artifacts must not cost a full scan per request)."""
+        with self._lock:
+            home = self._homes.get(artifact_id)
+        if home is not None:
+            try:
+                artifact = self._folder(home, os.stat(home).st_mtime_ns)
+            except OSError:
+                artifact = None
+            if artifact is not None and artifact.id == artifact_id:
+                return artifact
         for artifact in self.scan():
             if artifact.id == artifact_id:
                 return artifact

@@ -311,28 +311,54 @@ class Operations(pyfuse3.Operations):
     # -- listings ----------------------------------------------------------------------
 
     async def _refresh_artifacts(self) -> None:
-        listing = await self.listings.artifacts()
+        """`artifacts/` from the artifact list (a walk of every page when it is stale)."""
+        self._show_artifacts(await self.listings.artifacts())
+
+    def _show_artifacts(self, listing: list[Artifact]) -> None:
         folder = self.artifacts_dir
         if listing is folder.listing:
             return
+        shown = [a for a in map(self.listings.newest, listing) if a is not None]
         children: dict[str, Node] = {}
-        for name, artifact in folder_names(listing).items():
+        for name, artifact in folder_names(shown).items():
             node = self._artifact_dirs.get(artifact.id)
             if node is None:
                 node = ArtifactDir(self.table.new_inode(), artifact, folder)
                 self._artifact_dirs[artifact.id] = node
                 self.table.register(node)
-            elif node.artifact != artifact:
-                node.artifact = artifact
-                node.mtime_ns = ns(artifact.updated_at)
-                node.listing = None  # a new current version may have come: list versions again
+            else:
+                self._update_artifact(node, artifact)
             node.attrs = None
             children[name] = node
         folder.children = children
         folder.listing = listing
         folder.attrs = None
 
+    def _update_artifact(self, node: ArtifactDir, artifact: Artifact) -> None:
+        if node.artifact != artifact:
+            node.artifact = artifact
+            node.mtime_ns = ns(artifact.updated_at)
+            node.listing = None  # a new current version may have come: list versions again
+            node.attrs = None
+
+    async def _refresh_artifact(self, folder: ArtifactDir) -> bool:
+        """The artifact's own record (one request when it is stale), never a walk of the list.
+        False when the artifact no longer exists: its folder leaves `artifacts/`."""
+        artifact = await self.listings.artifact(folder.artifact.id)
+        if artifact is not None:
+            self._update_artifact(folder, artifact)
+            return True
+        parent = self.artifacts_dir
+        if folder in parent.children.values():
+            parent.children = {n: c for n, c in parent.children.items() if c is not folder}
+            parent.attrs = None
+        return False
+
     async def _refresh_versions(self, folder: ArtifactDir) -> None:
+        """An artifact's folder: its record and its versions (two requests when stale)."""
+        self.listings.prefetch_versions(folder.artifact.id)  # side by side with the record
+        if not await self._refresh_artifact(folder):
+            raise pyfuse3.FUSEError(errno.ENOENT)
         listing = await self.listings.versions(folder.artifact.id)
         if listing is folder.listing:
             return
@@ -396,7 +422,6 @@ class Operations(pyfuse3.Operations):
         if node is self.artifacts_dir:
             await self._refresh_artifacts()
         elif isinstance(node, ArtifactDir):
-            await self._refresh_artifacts()
             await self._refresh_versions(node)
         elif isinstance(node, VersionDir):
             await self._state(node).wait_tree()
@@ -439,6 +464,8 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, VersionDir):
             state = parent.state
             return CONTENT_TIMEOUT if state is not None and state.tree_complete else 0.0
+        if parent is self.artifacts_dir and self.listings.artifacts_refreshing:
+            return 0.0  # answered from the last list while a walk runs: ask again soon
         return self._timeout(parent)
 
     async def _find(self, parent: Dir, name: str) -> Node | None:
@@ -451,10 +478,15 @@ class Operations(pyfuse3.Operations):
                 await node.refresh()
             return node
         if parent is self.artifacts_dir:
-            await self._refresh_artifacts()
+            last = self.listings.last_artifacts
+            if last is not None:
+                self._show_artifacts(last)  # what a walk behind the last answer brought
+            node = parent.children.get(name) if parent.listing is not None else None
+            if isinstance(node, ArtifactDir):  # a known name: its own record, not the list
+                return node if await self._refresh_artifact(node) else None
+            await self._refresh_artifacts()  # only a walk can find a new name
             return parent.children.get(name)
         if isinstance(parent, ArtifactDir):
-            await self._refresh_artifacts()
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
         state = self._state(parent) if isinstance(parent, VersionDir) else parent.owner
@@ -472,10 +504,14 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
-        elif isinstance(node, ArtifactDir) and node.attrs is None:
-            # A stat after the TTL refreshes the artifact (its mtime is updated_at).
+        elif isinstance(node, ArtifactDir):
+            # A stat after the TTL refreshes the artifact's record (its mtime is updated_at),
+            # and its versions once they were listed.
             try:
-                await self._refresh_artifacts()
+                if node.listing is None:
+                    await self._refresh_artifact(node)
+                else:
+                    await self._refresh_versions(node)
             except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here
                 log.debug("getattr refresh failed: %s", exc)
         return self.attributes(node)

@@ -134,7 +134,7 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
             async with trio.open_nursery() as nursery:
-                listings.nursery = nursery
+                listings.start(nursery)  # the walk `_check_access` began goes on
                 store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
@@ -155,15 +155,16 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
 
 
 async def _check_access(listings: Listings, api_url: str) -> None:
-    """One walk of the artifacts listing: the key works and the server answers (or, offline,
-    the last known listing exists). It also warms the listing for the first `ls`."""
+    """One request, the first page of the artifact list: the key works and the server answers
+    (or, offline, the last known listing exists). The rest of the list is fetched once mounted,
+    in the background, so that mounting does not wait for a walk of every page."""
     # Retries are worth a line each once mounted; before, only the outcome is.
     api_log = logging.getLogger("vm0fs.api")
     level = api_log.level
     if not api_log.isEnabledFor(logging.DEBUG):
         api_log.setLevel(logging.ERROR)
     try:
-        await listings.artifacts()
+        await listings.probe()
     except Unavailable as exc:
         raise MountError(f"cannot reach the vm0 API at {api_url}: {exc}") from None
     finally:
