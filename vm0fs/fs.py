@@ -207,6 +207,7 @@ class Operations(pyfuse3.Operations):
         self.root.children["artifacts"] = self.table.register(self.artifacts_dir)
         self.root.children[CONTROL_DIR] = self._control_dir()
         self._artifact_dirs: dict[str, ArtifactDir] = {}
+        self._gone: set[str] = set()  # names of artifacts/ found deleted since the last list
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
         self._handles: dict[int, Any] = {}
         self._next_handle = 1
@@ -333,6 +334,7 @@ class Operations(pyfuse3.Operations):
         folder.children = children
         folder.listing = listing
         folder.attrs = None
+        self._gone.clear()
 
     def _update_artifact(self, node: ArtifactDir, artifact: Artifact) -> None:
         if node.artifact != artifact:
@@ -349,9 +351,11 @@ class Operations(pyfuse3.Operations):
             self._update_artifact(folder, artifact)
             return True
         parent = self.artifacts_dir
-        if folder in parent.children.values():
+        names = [name for name, child in parent.children.items() if child is folder]
+        if names:
             parent.children = {n: c for n, c in parent.children.items() if c is not folder}
             parent.attrs = None
+            self._gone.update(names)  # a lookup of it again needs no walk to say so
         return False
 
     async def _refresh_versions(self, folder: ArtifactDir) -> None:
@@ -484,6 +488,8 @@ class Operations(pyfuse3.Operations):
             node = parent.children.get(name) if parent.listing is not None else None
             if isinstance(node, ArtifactDir):  # a known name: its own record, not the list
                 return node if await self._refresh_artifact(node) else None
+            if name in self._gone:
+                return None
             await self._refresh_artifacts()  # only a walk can find a new name
             return parent.children.get(name)
         if isinstance(parent, ArtifactDir):
