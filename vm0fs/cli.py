@@ -151,10 +151,9 @@ def fail(message: str) -> int:
 
 
 def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
-    import trio
-
-    from vm0fs.errors import Vm0fsError
-    from vm0fs.mount import MountConfig, MountError, check_mountpoint, serve
+    # Only the process that serves the mount loads pyfuse3, trio and httpx: the one that
+    # starts it returns sooner without them.
+    from vm0fs.mountpoint import MountConfig, MountError, check_mountpoint
 
     key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
@@ -179,6 +178,11 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
         except MountError as exc:
             return fail(str(exc))
         return _mount_in_background(args, config)
+
+    import trio
+
+    from vm0fs.errors import Vm0fsError
+    from vm0fs.mount import serve
 
     setup_logging(args.debug, args.log_file)
 
@@ -298,7 +302,7 @@ def _wait_ready(fd: int, child: subprocess.Popen[bytes]) -> str:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from vm0fs.mount import MountError, unmount
+    from vm0fs.mountpoint import MountError, unmount
 
     try:
         unmount(args.mountpoint.expanduser().absolute(), lazy=args.lazy)

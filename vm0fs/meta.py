@@ -244,6 +244,8 @@ class Listings:
         if refresh.error is None:
             return refresh.value
         if isinstance(refresh.error, Unavailable) and entry is not None:
+            self._went_offline(refresh.error, serving_stale=True)
+            self.stale = True
             return entry.value
         raise refresh.error
 

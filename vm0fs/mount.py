@@ -4,15 +4,11 @@ clean unmount. `serve` is the whole life of one mount in the foreground.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -20,36 +16,19 @@ import trio
 from vm0fs.api import ApiClient
 from vm0fs.cache import Cache
 from vm0fs.control import RecentErrors
-from vm0fs.errors import Unavailable, Vm0fsError
+from vm0fs.errors import Unavailable
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
+from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
+    MountConfig,
+    MountError,
+    check_mountpoint,
+    unmount,
+)
 from vm0fs.tree import InodeTable
 from vm0fs.versions import VersionStore
 
 log = logging.getLogger("vm0fs.mount")
-
-DEFAULT_MAX_TASKS = 8  # concurrent FUSE requests; only the ones waiting on the network need many
-
-
-@dataclass
-class MountConfig:
-    mountpoint: Path
-    api_url: str
-    api_key: str
-    cache_dir: Path
-    metadata_ttl: float = 60.0
-    cache_size: int | None = None
-    max_version_size: int | None = None
-    allow_other: bool = False
-    fuse_options: list[str] = field(default_factory=list)
-    max_tasks: int = DEFAULT_MAX_TASKS
-    api_retry_time: float = 10.0
-    xattrs: bool = False
-
-
-class MountError(Vm0fsError):
-    """The mount could not be started; the message is for the user as it is."""
-
 
 def mount_options(config: MountConfig) -> set[str]:
     host = config.api_url.split("://", 1)[-1].split("/", 1)[0] or socket.gethostname()
@@ -59,53 +38,6 @@ def mount_options(config: MountConfig) -> set[str]:
         options |= {"allow_other", "default_permissions"}
     options |= set(config.fuse_options)
     return options
-
-
-def check_mountpoint(path: Path) -> None:
-    if _is_dead_mount(path):
-        # "Transport endpoint is not connected": a vm0fs process died and left its mount.
-        if not _is_vm0fs_mount(path):
-            raise MountError(f"{path} is a dead mount of another filesystem: "
-                             f"fusermount3 -u -z {path}")
-        log.warning("%s is a dead vm0fs mount (its process ended): unmounting it", path)
-        unmount(path, lazy=True)
-    try:
-        _check_mountpoint(path)
-    except OSError as exc:
-        raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
-
-
-def _is_dead_mount(path: Path) -> bool:
-    """statfs always reaches the filesystem's process, where stat may be answered from the
-    kernel's cache of a dead mount's root."""
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
-
-def _check_mountpoint(path: Path) -> None:
-    if not path.exists():
-        raise MountError(f"mount point {path} does not exist")
-    if not path.is_dir():
-        raise MountError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
-        raise MountError(f"{path} is already a mount point (vm0fs unmount {path} first?)")
-    try:
-        if any(os.scandir(path)):
-            raise MountError(f"mount point {path} is not empty")
-    except PermissionError:
-        raise MountError(f"cannot read mount point {path}: permission denied") from None
-
-
-def _is_vm0fs_mount(path: Path) -> bool:
-    try:
-        with open("/proc/self/mounts") as mounts:
-            return any(fields[1] == str(path) and fields[2] == "fuse.vm0fs"
-                       for fields in (line.split() for line in mounts))
-    except OSError:
-        return False
 
 
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
@@ -180,18 +112,3 @@ async def _stop_on_signal() -> None:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
-
-
-def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    """Unmount a vm0fs mount (fusermount3 works for root and for the user who mounted)."""
-    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise MountError("fusermount3 is not installed (Debian package fuse3)") from None
-    except subprocess.TimeoutExpired:
-        raise MountError(f"unmounting {mountpoint} timed out") from None
-    if result.returncode != 0:
-        message = result.stderr.strip().removeprefix("fusermount3: ") or "failed"
-        hint = " (a process still uses it: close it, or use --lazy)" if "busy" in message else ""
-        raise MountError(f"cannot unmount {mountpoint}: {message}{hint}")
