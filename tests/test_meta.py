@@ -264,13 +264,37 @@ def test_after_the_ttl_a_walk_of_many_pages_is_not_waited_for() -> None:
             assert await listings.artifacts() is first  # the last listing, at once
             assert listings.artifacts_refreshing and not listings.stale
             assert await listings.artifacts() is first  # and again: one walk for both
-            assert client.requests.count("page 0") == 2
+            await until(lambda: len(client.requests) == 5)  # the walk, held at its page 2
+            assert client.requests == ["page 0", "page 2", "page 4", "page 0", "page 2"]
             client.gate.set()
             await until(lambda: not listings.artifacts_refreshing)
             assert ids(await listings.artifacts())[0] == "new"
             count = len(client.requests)
             await listings.artifacts()  # fresh for the TTL from the end of the walk
             assert len(client.requests) == count
+            nursery.cancel_scope.cancel()
+
+    run(test)
+
+
+def test_a_list_that_grows_past_one_page_is_waited_for_until_its_first_page() -> None:
+    client = PagedClient(2, per_page=2)
+    now = [0.0]
+    listings = Listings(client, ttl=10, clock=lambda: now[0])
+    listings.stale_after = 1000.0
+
+    async def test() -> None:
+        async with trio.open_nursery() as nursery:
+            listings.start(nursery)
+            first = await listings.artifacts()  # one page
+            now[0] = 11.0
+            client.artifacts.append(artifact("new"))
+            client.gate = trio.Event()
+            assert await listings.artifacts() is first  # its first page said "more"
+            assert client.requests == ["page 0", "page 0", "page 2"]
+            client.gate.set()
+            await until(lambda: not listings.artifacts_refreshing)
+            assert ids(await listings.artifacts()) == ["a0", "a1", "new"]
             nursery.cancel_scope.cancel()
 
     run(test)

@@ -5,8 +5,9 @@ How fresh an answer is (the README's "Caching and freshness" says the same):
 - an older one is refreshed, and the access waits for that refresh only while it is a single
   request, and at most `stale_after` seconds: a listing of one page (an artifact's record, the
   versions of most artifacts, the artifact list of an account with up to 100) is fresh at that
-  access. A walk that turns out to need more pages is not waited for: the last listing answers,
-  and the walk's result answers every access after it ends;
+  access. A walk of more pages (as the last walk of that listing was, or as its first page
+  says) is not waited for: the last listing answers, and the walk's result answers every access
+  after it ends;
 - a listing never fetched is waited for, whole.
 One refresh per listing at a time, however many callers ask. Refreshes of different listings run
 side by side, a few at a time; the pages of one walk come one after another. An artifact's own
@@ -71,6 +72,7 @@ class _Entry:
     value: Any
     at: float  # clock() when the refresh that fetched it ended; -inf: not fetched by us
     asked: float = -math.inf  # clock() when that refresh began
+    long: bool = False  # that refresh was a walk of more than one page
 
 
 class _Refresh:
@@ -233,12 +235,14 @@ class Listings:
         if entry is None:
             await refresh.done.wait()
         else:
-            # Wait for one request, not for a walk of many pages, and never long: past that,
-            # the last listing answers and the refresh goes on behind it.
-            with trio.move_on_after(self.stale_after):
-                await refresh.settled.wait()
+            # Wait for one request, not for a walk of many pages (as the last one was, or as
+            # its first page says), and never long: past that, the last listing answers and
+            # the refresh goes on behind it.
+            if not entry.long:
+                with trio.move_on_after(self.stale_after):
+                    await refresh.settled.wait()
             if not refresh.done.is_set():
-                if not refresh.settled.is_set():
+                if not refresh.settled.is_set() and not entry.long:
                     self.stale = True  # a slow or hanging API
                 return entry.value
         if refresh.error is None:
@@ -262,6 +266,7 @@ class Listings:
         try:
             async with self._first if entry is None else self._again:
                 value = await fetch(refresh.settled.set)
+            long = refresh.settled.is_set()  # set before the end: it needed more pages
             log.debug("listing %s: %s in %.3f s", key,
                       f"{len(value)} entries" if isinstance(value, list) else "record",
                       time.monotonic() - started)
@@ -282,20 +287,21 @@ class Listings:
             self._warned = False
             self.stale = False
             self.last_error = None
-            refresh.value = await self._keep(key, value, entry, asked)
+            refresh.value = await self._keep(key, value, entry, asked, long)
         finally:
             self._refreshes.pop(key, None)
             refresh.settled.set()
             refresh.done.set()
 
-    async def _keep(self, key: str, value: Any, entry: _Entry | None, asked: float) -> Any:
+    async def _keep(self, key: str, value: Any, entry: _Entry | None, asked: float,
+                    long: bool = False) -> Any:
         """Remember a refresh's result. Returns what callers get: the object they had when
         nothing changed, so that they can tell by identity."""
         changed = entry is None or entry.value != value
         if not changed:
             assert entry is not None
             value = entry.value
-        self._entries[key] = _Entry(value, self._clock(), asked)
+        self._entries[key] = _Entry(value, self._clock(), asked, long)
         if key == ARTIFACTS:
             self._listed = {artifact.id: artifact for artifact in value}
         if changed and self.store is not None:
