@@ -487,6 +487,8 @@ class Operations(pyfuse3.Operations):
                 self._show_artifacts(last)  # what a walk behind the last answer brought
             node = parent.children.get(name) if parent.listing is not None else None
             if isinstance(node, ArtifactDir):  # a known name: its own record, not the list
+                if node.listing is not None:  # listed before: likely to be listed again
+                    self.listings.prefetch_versions(node.artifact.id)
                 return node if await self._refresh_artifact(node) else None
             if name in self._gone:
                 return None
