@@ -101,6 +101,8 @@ class Listings:
         self._again = trio.CapacityLimiter(concurrency)  # refreshes behind a last listing
         self._head: Page[Artifact] | None = None  # first page of the artifact list (`probe`)
         self.nursery: trio.Nursery | None = None  # where refreshes run; None: in the caller
+        # Told (key, new value) when a refresh changed a listing that was known before.
+        self.on_change: Callable[[str, Any], None] | None = None
         self.stale_after = STALE_AFTER
         self._clock = clock
         self._offline_until = 0.0
@@ -148,12 +150,6 @@ class Listings:
         if own is None or (listed is not None and listed.asked >= own.asked):
             return artifact
         return own.value
-
-    @property
-    def last_artifacts(self) -> list[Artifact] | None:
-        """The last artifact list in memory, fresh or not, without a request."""
-        entry = self._entries.get(ARTIFACTS)
-        return None if entry is None else entry.value
 
     @property
     def artifacts_refreshing(self) -> bool:
@@ -304,6 +300,8 @@ class Listings:
         self._entries[key] = _Entry(value, self._clock(), asked, long)
         if key == ARTIFACTS:
             self._listed = {artifact.id: artifact for artifact in value}
+        if changed and entry is not None and self.on_change is not None:
+            self.on_change(key, value)
         if changed and self.store is not None:
             if key == ARTIFACTS:
                 began = time.time() - (self._clock() - asked)  # the walk's start, wall clock

@@ -26,7 +26,7 @@ from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
     unmount,
 )
 from vm0fs.tree import InodeTable
-from vm0fs.versions import VersionStore
+from vm0fs.versions import RECENTLY_READ, VersionStore
 
 log = logging.getLogger("vm0fs.mount")
 
@@ -53,7 +53,9 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                             cache.listings / listing_namespace(config.api_url, config.api_key))
         await _check_access(listings, config.api_url)
         table = InodeTable(pyfuse3.ROOT_INODE + 1)
-        store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
+        store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size,
+                             recently_read=RECENTLY_READ if config.cache_grace is None
+                             else config.cache_grace)
         recent_errors = RecentErrors()
         logging.getLogger("vm0fs").addHandler(recent_errors)
         ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
@@ -70,8 +72,10 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
+                if ops.stateless:
+                    nursery.start_soon(ops.invalidate_listings)
                 if cache.max_bytes is not None:
-                    nursery.start_soon(store.enforce_cache_size)
+                    nursery.start_soon(store.keep_cache_size)
                 ready()
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
                 nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ class MountConfig:
     cache_dir: Path
     metadata_ttl: float = 60.0
     cache_size: int | None = None
+    cache_grace: float | None = None  # None: versions.RECENTLY_READ
     max_version_size: int | None = None
     allow_other: bool = False
     fuse_options: list[str] = field(default_factory=list)
