@@ -559,6 +559,14 @@ class Operations(pyfuse3.Operations):
         node = await self._find(parent, text)
         if node is None:
             return self._negative(self._negative_timeout(parent))
+        if node is self.artifacts_dir:
+            # A path through `artifacts/` must not cost a walk of the list. Its attributes are
+            # told as not valid, so the kernel asks for them (getattr, which refreshes the
+            # list) before it reuses a listing of it that it cached.
+            attrs = self._entry(node)
+            if attrs is not node.attrs:
+                attrs.attr_timeout = 0
+            return attrs
         await self._refresh_listing_of(node)
         return self._entry(node)
 
