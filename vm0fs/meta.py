@@ -300,6 +300,9 @@ class Listings:
         self._entries[key] = _Entry(value, self._clock(), asked, long)
         if key == ARTIFACTS:
             self._listed = {artifact.id: artifact for artifact in value}
+            # Records asked for before this walk began: the list knows better now.
+            self._entries = {k: e for k, e in self._entries.items()
+                             if not (k.startswith("artifact-") and e.asked < asked)}
         if changed and entry is not None and self.on_change is not None:
             self.on_change(key, value)
         if changed and self.store is not None:
