@@ -772,6 +772,24 @@ def test_scan_cache_avoids_rehashing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert calls[5:] == [target]
 
 
+def test_one_artifact_rescans_its_folder_and_a_scan_may_answer_for_a_while(
+        tmp_path: Path) -> None:
+    for i in range(3):
+        one_artifact(tmp_path, f"a{i}")
+    store = devserver.Store(tmp_path)
+    first = store.scan()
+    one_artifact(tmp_path, "late")
+    target = tmp_path / "a1" / "v2.tar.gz"
+    samples.write_bytes_atomic(target, make_tar_gz([file("new", "!")]))
+    assert len(store.get(first[1].id).versions) == 2  # its own folder, rescanned
+    assert len(store.scan()) == 4  # by default every scan is a new one
+    patient = devserver.Store(tmp_path, rescan_after=3600)
+    assert len(patient.scan()) == 4
+    one_artifact(tmp_path, "later")
+    assert len(patient.scan()) == 4  # the last scan answers for an hour
+    assert len(devserver.Store(tmp_path).scan()) == 5
+
+
 def test_sidecar_timestamp_formats(dev_server: Start, tmp_path: Path) -> None:
     samples.write_artifact(
         tmp_path,

@@ -84,17 +84,26 @@ class FakeClient:
         self.artifacts.append(artifact(aid, name, versions))
         return ids
 
-    async def list_artifacts(self) -> list[Artifact]:
+    async def list_artifacts(self, on_more: Any = None) -> list[Artifact]:
         self.list_calls += 1
         if self.list_error:
             raise self.list_error
         return list(self.artifacts)
 
-    async def list_versions(self, artifact_id: str) -> list[Version]:
+    async def list_versions(self, artifact_id: str, on_more: Any = None) -> list[Version]:
         self.list_calls += 1
         if self.list_error:
             raise self.list_error
         return list(self.versions[artifact_id])
+
+    async def get_artifact(self, artifact_id: str) -> Artifact:
+        self.list_calls += 1
+        if self.list_error:
+            raise self.list_error
+        for found in self.artifacts:
+            if found.id == artifact_id:
+                return found
+        raise NotFound(f"no artifact {artifact_id}")
 
     async def download(self, artifact_id: str, version_id: str | None = None
                        ) -> AsyncIterator[bytes]:
@@ -716,3 +725,42 @@ def test_a_version_read_recently_is_not_evicted_and_a_read_brings_data_back(
         assert await h.read("artifacts/two/current/g")
 
     run(tmp_path, client, test, cache_size=150_000, recently_read=600)
+
+
+class HeldList(FakeClient):
+    """The artifact list waits for `hold` when it is set."""
+
+    hold: trio.Event | None = None
+
+    async def list_artifacts(self, on_more: Any = None) -> list[Artifact]:
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().list_artifacts(on_more)
+
+
+def test_a_refresh_behind_the_last_answer_shows_what_it_brought_when_it_ends(
+        tmp_path: Path) -> None:
+    client = HeldList()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        async with trio.open_nursery() as nursery:
+            h.ops.listings.start(nursery)
+            h.ops.listings.stale_after = 0  # the access answers at once, the refresh goes on
+            assert set(await h.listdir("artifacts")) == {"run"}
+            await trio.sleep(0.1)  # past the TTL
+            client.add("a2", "new", [SIMPLE])
+            client.hold = trio.Event()
+            before = h.ops.artifacts_dir.mtime_ns
+            assert set(await h.listdir("artifacts")) == {"run"}  # the last list
+            client.hold.set()
+            while h.ops.listings.artifacts_refreshing:
+                await trio.sleep(0.01)
+            # No access since: the tree and the kernel were told when the refresh ended.
+            assert set(h.ops.artifacts_dir.children) == {"run", "new"}
+            assert h.ops.artifacts_dir.mtime_ns > before
+            if h.ops.stateless:
+                assert h.ops.artifacts_dir.inode in h.ops._stale_listings
+            nursery.cancel_scope.cancel()
+
+    run(tmp_path, client, test, ttl=0.05)

@@ -23,7 +23,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -64,6 +64,14 @@ class Artifact:
     created_at: float
     updated_at: float
     current_version: Version | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_T]):
+    """One page of a listing, as parsed."""
+
+    items: list[_T]
+    cursor: str | None  # where the next page starts; None: the walk ends here
 
 
 # --------------------------------------------------------------------------- parsing
@@ -406,12 +414,21 @@ class ApiClient:
 
     # ------------------------------------------------------------------ public calls
 
-    async def list_artifacts(self) -> list[Artifact]:
-        return await self._list("/v1/artifacts", _parse_artifact)
+    async def list_artifacts(self, first: Page[Artifact] | None = None,
+                             on_more: Callable[[], None] | None = None) -> list[Artifact]:
+        """Every artifact. `first`: the first page, already fetched (see `artifacts_page`);
+        `on_more` is called when the walk needs another page."""
+        return await self._list("/v1/artifacts", _parse_artifact, first, on_more)
 
-    async def list_versions(self, artifact_id: str) -> list[Version]:
+    async def artifacts_page(self, cursor: str | None = None) -> Page[Artifact]:
+        """One page of the artifact listing: one request."""
+        return await self._page("/v1/artifacts", _parse_artifact, cursor)
+
+    async def list_versions(self, artifact_id: str,
+                            on_more: Callable[[], None] | None = None) -> list[Version]:
         path = f"/v1/artifacts/{_segment(artifact_id)}/versions"
-        return await self._list(path, lambda raw, where: _parse_version(raw, artifact_id, where))
+        return await self._list(path, lambda raw, where: _parse_version(raw, artifact_id, where),
+                                None, on_more)
 
     async def get_artifact(self, artifact_id: str) -> Artifact:
         path = f"/v1/artifacts/{_segment(artifact_id)}"
@@ -473,42 +490,56 @@ class ApiClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _list(self, path: str, parse: Callable[[Any, str], _T]) -> list[_T]:
-        """Every item of a paginated listing, de-duplicated by id, in first-seen order."""
-        where = f"GET {path}"
+    async def _list(self, path: str, parse: Callable[[Any, str], _T], first: Page[_T] | None,
+                    on_more: Callable[[], None] | None) -> list[_T]:
+        """Every item of a paginated listing, de-duplicated by id, in first-seen order. The
+        pages are fetched one after another: each needs the cursor of the one before."""
         items: dict[str, _T] = {}
         cursors: set[str] = set()
-        cursor: str | None = None
-        for _ in range(self._max_pages):
-            params = {"limit": str(PAGE_LIMIT)}
-            if cursor is not None:
-                params["cursor"] = cursor
-            body = await self._get_json(path, params)
-            data = body.get("data") if isinstance(body, dict) else None
-            if not isinstance(data, list):
-                raise ApiError(f"{self._base_url} does not answer like the vm0 Artifacts API "
-                               f"({where}: the response has no 'data' list)")
-            for raw in data:
-                item = parse(raw, where)
+        page = first if first is not None else await self._page(path, parse, None)
+        pages = 1
+        while True:
+            for item in page.items:
                 items.setdefault(item.id, item)
-            if not data:
-                break  # an empty page ends the walk even if has_more says otherwise
-            page = body.get("pagination")
-            if not isinstance(page, dict):
-                page = body
-            if not _truthy(_field(page, "has_more", "hasMore")):
-                break
-            cursor = _id(_field(page, "next_cursor", "nextCursor"))
+            cursor = page.cursor
             if cursor is None:
-                log.debug("%s: has_more without a cursor, stopping", where)
                 break
             if cursor in cursors:
-                log.debug("%s: cursor repeated, stopping", where)
+                log.debug("GET %s: cursor repeated, stopping", path)
+                break
+            if pages >= self._max_pages:
+                log.warning("GET %s: stopped after %d pages", path, self._max_pages)
                 break
             cursors.add(cursor)
-        else:
-            log.warning("%s: stopped after %d pages", where, self._max_pages)
+            if on_more is not None:
+                on_more()
+            page = await self._page(path, parse, cursor)
+            pages += 1
         return list(items.values())
+
+    async def _page(self, path: str, parse: Callable[[Any, str], _T],
+                    cursor: str | None) -> Page[_T]:
+        where = f"GET {path}"
+        params = {"limit": str(PAGE_LIMIT)}
+        if cursor is not None:
+            params["cursor"] = cursor
+        body = await self._get_json(path, params)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ApiError(f"{self._base_url} does not answer like the vm0 Artifacts API "
+                           f"({where}: the response has no 'data' list)")
+        items = [parse(raw, where) for raw in data]
+        if not data:
+            return Page(items, None)  # an empty page ends the walk even if has_more says otherwise
+        page = body.get("pagination")
+        if not isinstance(page, dict):
+            page = body
+        if not _truthy(_field(page, "has_more", "hasMore")):
+            return Page(items, None)
+        cursor = _id(_field(page, "next_cursor", "nextCursor"))
+        if cursor is None:
+            log.debug("%s: has_more without a cursor, stopping", where)
+        return Page(items, cursor)
 
     async def _get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
         where = f"GET {path}"  # without the query

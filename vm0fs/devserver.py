@@ -1,7 +1,7 @@
 """`vm0fs dev-server`: a local implementation of the vm0 Artifacts API, for the demo and the tests.
 
     vm0fs dev-server --data-dir DIR [--host 127.0.0.1] [--port 0] [--blob-port 0]
-                     [--token T] [--demo] [--verbose] [fault switches]
+                     [--token T] [--demo] [--verbose] [--rescan-after S] [fault switches]
 
 Standard library only. Two HTTP/1.1 servers run in one process: the API origin (`/v1/...` plus
 the test-only `/_dev/...` control routes) and a blob origin standing in for the object store
@@ -15,7 +15,9 @@ SIGTERM stop the server with exit code 0.
 Token: --token, else the VM0_API_KEY environment variable, else `dev-token`. Every /v1 route
 wants `Authorization: Bearer <token>`.
 
-Data dir layout (rescanned on every API request, so files can be added while it runs):
+Data dir layout (rescanned on every API request, so files can be added while it runs; a request
+about one known artifact rescans that artifact's folder only; --rescan-after SECONDS lets a scan
+answer listings for that long, which thousands of artifacts need to answer in milliseconds):
 
     DIR/<folder>/                one artifact per folder (names starting with "." are ignored)
     DIR/<folder>/*.tar.gz        one version per archive; version id = SHA-256 of its bytes
@@ -269,14 +271,17 @@ class Store:
     """Scans the data dir on every call. Archive facts are cached by (path, mtime_ns, size) and
     whole artifacts by their folder's FolderKey, so a rescan is only a few stat calls each."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, rescan_after: float = 0.0) -> None:
         self.root = root
+        self.rescan_after = rescan_after  # seconds a scan answers listings; 0: every request
+        self._last_scan: tuple[float, list[Artifact]] | None = None
         self._lock = threading.Lock()
         self._archives: dict[Path, tuple[tuple[int, int], ArchiveInfo]] = {}
         self._folders: dict[str, tuple[FolderKey, Artifact]] = {}
         self._rebuilt = False  # some folder changed since the caches were last pruned
         # (artifact id, version id) -> archive path, refreshed by every scan, for the blob origin.
         self._index: dict[tuple[str, str], Path] = {}
+        self._homes: dict[str, str] = {}  # artifact id -> its folder, as of the last scan
 
     def _info(self, path: Path, key: tuple[int, int]) -> ArchiveInfo:
         with self._lock:
@@ -290,6 +295,12 @@ class Store:
 
     def scan(self) -> list[Artifact]:
         """All artifacts, in folder name order. Folders that vanish mid-scan are skipped."""
+        if self.rescan_after > 0:
+            with self._lock:
+                last = self._last_scan
+            if last is not None and time.monotonic() - last[0] < self.rescan_after:
+                return last[1]
+        started = time.monotonic()
         artifacts: list[Artifact] = []
         try:
             with os.scandir(self.root) as it:
@@ -315,6 +326,10 @@ class Store:
                 self._archives = {k: v for k, v in self._archives.items() if k in paths}
                 self._rebuilt = False
             self._index = {(v.artifact_id, v.id): v.path for a in artifacts for v in a.versions}
+            self._homes = {}
+            for a in artifacts:
+                self._homes.setdefault(a.id, str(a.folder))
+            self._last_scan = (started, artifacts)
         return artifacts
 
     def _folder(self, folder: str, folder_mtime_ns: int) -> Artifact:
@@ -396,6 +411,17 @@ class Store:
         )
 
     def get(self, artifact_id: str) -> Artifact:
+        """One artifact: its own folder is rescanned when it is known, else every folder (a
+        data dir of thousands of artifacts must not cost a full scan per request)."""
+        with self._lock:
+            home = self._homes.get(artifact_id)
+        if home is not None:
+            try:
+                artifact = self._folder(home, os.stat(home).st_mtime_ns)
+            except OSError:
+                artifact = None
+            if artifact is not None and artifact.id == artifact_id:
+                return artifact
         for artifact in self.scan():
             if artifact.id == artifact_id:
                 return artifact
@@ -955,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help=f"API key (default: $VM0_API_KEY, else {DEFAULT_TOKEN!r})")
     p.add_argument("--demo", action="store_true", help="fill an empty or missing DIR with samples")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.add_argument("--rescan-after", type=float, default=0.0, metavar="SECONDS",
+                   help="let one scan of DIR answer listings for this long (default 0: every "
+                        "request rescans; for data dirs of thousands of artifacts)")
     f = p.add_argument_group("faults (also settable at runtime via POST /_dev/faults)")
     f.add_argument("--latency-ms", type=float, default=0, help="delay every request")
     f.add_argument("--fail-every", type=int, default=0, metavar="N", help="every Nth is a 500")
@@ -1015,7 +1044,7 @@ def main(argv: list[str]) -> int:
     except HttpError as err:
         print(f"vm0fs dev-server: {err.message}", file=sys.stderr)
         return 2
-    app = App(Store(data_dir), state, token)
+    app = App(Store(data_dir, args.rescan_after), state, token)
     BaseHandler.verbose = args.verbose
     try:
         api = _make_server(args.host, args.port, ApiHandler, app)

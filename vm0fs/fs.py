@@ -46,7 +46,7 @@ from vm0fs.control import (
     to_json,
 )
 from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
-from vm0fs.meta import Listings
+from vm0fs.meta import ARTIFACTS, Listings
 from vm0fs.tree import Dir, File, Link, Node
 from vm0fs.versions import VersionState, VersionStore
 
@@ -232,6 +232,8 @@ class Operations(pyfuse3.Operations):
         self.root.children["artifacts"] = self.table.register(self.artifacts_dir)
         self.root.children[CONTROL_DIR] = self._control_dir()
         self._artifact_dirs: dict[str, ArtifactDir] = {}
+        self._gone: set[str] = set()  # names of artifacts/ found deleted since the last list
+        listings.on_change = self._listing_refreshed
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
         self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
@@ -382,21 +384,23 @@ class Operations(pyfuse3.Operations):
     # -- listings ----------------------------------------------------------------------
 
     async def _refresh_artifacts(self) -> None:
-        listing = await self.listings.artifacts()
+        """`artifacts/` from the artifact list (a walk of every page when it is stale)."""
+        self._show_artifacts(await self.listings.artifacts())
+
+    def _show_artifacts(self, listing: list[Artifact]) -> None:
         folder = self.artifacts_dir
         if listing is folder.listing:
             return
+        shown = [a for a in map(self.listings.newest, listing) if a is not None]
         children: dict[str, Node] = {}
-        for name, artifact in folder_names(listing).items():
+        for name, artifact in folder_names(shown).items():
             node = self._artifact_dirs.get(artifact.id)
             if node is None:
                 node = ArtifactDir(self.table.new_inode(), artifact, folder)
                 self._artifact_dirs[artifact.id] = node
                 self.table.register(node)
-            elif node.artifact != artifact:
-                node.artifact = artifact
-                node.mtime_ns = ns(artifact.updated_at)
-                node.listing = None  # a new current version may have come: list versions again
+            else:
+                self._update_artifact(node, artifact)
             node.attrs = None
             children[name] = node
         if children != folder.children and folder.listing is not None:
@@ -404,11 +408,46 @@ class Operations(pyfuse3.Operations):
         folder.children = children
         folder.listing = listing
         folder.attrs = None
+        self._gone.clear()
+
+    def _update_artifact(self, node: ArtifactDir, artifact: Artifact) -> None:
+        if node.artifact == artifact:
+            return
+        node.artifact = artifact
+        node.mtime_ns = max(ns(artifact.updated_at), node.mtime_ns)
+        node.attrs = None
+        if node.listing is not None:
+            self._show_versions(node, node.listing)  # `current` may have moved
+
+    def _drop_artifact(self, folder: ArtifactDir) -> None:
+        """The API says the artifact no longer exists: its folder leaves `artifacts/`."""
+        parent = self.artifacts_dir
+        names = [name for name, child in parent.children.items() if child is folder]
+        if names:
+            parent.children = {n: c for n, c in parent.children.items() if c is not folder}
+            self._listing_changed(parent, time.time_ns())
+            self._gone.update(names)  # a lookup of it again needs no walk to say so
+
+    async def _refresh_artifact(self, folder: ArtifactDir) -> bool:
+        """The artifact's own record (one request when it is stale), never a walk of the list.
+        False when the artifact no longer exists."""
+        artifact = await self.listings.artifact(folder.artifact.id)
+        if artifact is None:
+            self._drop_artifact(folder)
+            return False
+        self._update_artifact(folder, artifact)
+        return True
 
     async def _refresh_versions(self, folder: ArtifactDir) -> None:
+        """An artifact's folder: its record and its versions (two requests when stale)."""
+        self.listings.prefetch_versions(folder.artifact.id)  # side by side with the record
+        if not await self._refresh_artifact(folder):
+            raise pyfuse3.FUSEError(errno.ENOENT)
         listing = await self.listings.versions(folder.artifact.id)
-        if listing is folder.listing:
-            return
+        if listing is not folder.listing:
+            self._show_versions(folder, listing)
+
+    def _show_versions(self, folder: ArtifactDir, listing: list[Version]) -> None:
         children: dict[str, Node] = {}
         for version in listing:
             children[version.id] = self._version_dir(folder, version)
@@ -427,6 +466,25 @@ class Operations(pyfuse3.Operations):
         folder.children = children
         folder.listing = listing
         folder.aliases = {p: a for p, a in folder.aliases.items() if a.target in children}
+
+    def _listing_refreshed(self, key: str, value: Any) -> None:
+        """A refresh that ran behind the last answer ended with something new: shown at once,
+        and the kernel is told (so what is new does not wait for the next access after the
+        TTL). Only what was shown before is updated: the rest is built when first asked."""
+        if key == ARTIFACTS:
+            if self.artifacts_dir.listing is not None:
+                self._show_artifacts(value)
+            return
+        kind, _, artifact_id = key.partition("-")
+        folder = self._artifact_dirs.get(artifact_id)
+        if folder is None:
+            return
+        if kind == "artifact" and value is None:
+            self._drop_artifact(folder)
+        elif kind == "artifact":
+            self._update_artifact(folder, value)
+        elif kind == "versions" and folder.listing is not None:
+            self._show_versions(folder, value)
 
     def _version_dir(self, folder: ArtifactDir, version: Version) -> VersionDir:
         key = (folder.artifact.id, version.id)
@@ -472,7 +530,6 @@ class Operations(pyfuse3.Operations):
         if node is self.artifacts_dir:
             await self._refresh_artifacts()
         elif isinstance(node, ArtifactDir):
-            await self._refresh_artifacts()
             await self._refresh_versions(node)
         elif isinstance(node, VersionDir):
             await self._state(node).wait_tree()
@@ -502,6 +559,14 @@ class Operations(pyfuse3.Operations):
         node = await self._find(parent, text)
         if node is None:
             return self._negative(self._negative_timeout(parent))
+        if node is self.artifacts_dir:
+            # A path through `artifacts/` must not cost a walk of the list. Its attributes are
+            # told as not valid, so the kernel asks for them (getattr, which refreshes the
+            # list) before it reuses a listing of it that it cached.
+            attrs = self._entry(node)
+            if attrs is not node.attrs:
+                attrs.attr_timeout = 0
+            return attrs
         await self._refresh_listing_of(node)
         return self._entry(node)
 
@@ -516,6 +581,8 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, VersionDir):
             state = parent.state
             return CONTENT_TIMEOUT if state is not None and state.tree_complete else 0.0
+        if parent is self.artifacts_dir and self.listings.artifacts_refreshing:
+            return 0.0  # answered from the last list while a walk runs: ask again soon
         return self._timeout(parent)
 
     async def _find(self, parent: Dir, name: str) -> Node | None:
@@ -528,10 +595,16 @@ class Operations(pyfuse3.Operations):
                 await node.refresh()
             return node
         if parent is self.artifacts_dir:
-            await self._refresh_artifacts()
+            node = parent.children.get(name) if parent.listing is not None else None
+            if isinstance(node, ArtifactDir):  # a known name: its own record, not the list
+                if node.listing is not None:  # listed before: likely to be listed again
+                    self.listings.prefetch_versions(node.artifact.id)
+                return node if await self._refresh_artifact(node) else None
+            if name in self._gone:
+                return None
+            await self._refresh_artifacts()  # only a walk can find a new name
             return parent.children.get(name)
         if isinstance(parent, ArtifactDir):
-            await self._refresh_artifacts()
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
         state = self._state(parent, use=True) if isinstance(parent, VersionDir) else parent.owner
@@ -557,12 +630,13 @@ class Operations(pyfuse3.Operations):
         """Before the attributes of a listing folder go to the kernel (getattr, lookup): its
         listing as of now. The kernel reuses a listing it cached (stateless mode) for as long
         as the folder's attributes are valid and its mtime is the same."""
-        if node is not self.artifacts_dir and not isinstance(node, ArtifactDir):
-            return
         try:
-            await self._refresh_artifacts()
-            if isinstance(node, ArtifactDir) and node.listing is not None:
-                await self._refresh_versions(node)
+            if node is self.artifacts_dir:
+                await self._refresh_artifacts()
+            elif isinstance(node, ArtifactDir) and node.listing is None:
+                await self._refresh_artifact(node)  # its record: the mtime is its updated_at
+            elif isinstance(node, ArtifactDir):
+                await self._refresh_versions(node)  # its record and its versions, not the list
         except Unauthorized:
             raise  # EACCES, as a listing gets: the kernel must not show what it cached
         except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here

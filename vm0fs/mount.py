@@ -4,17 +4,13 @@ clean unmount. `serve` is the whole life of one mount in the foreground.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -22,38 +18,19 @@ import trio
 from vm0fs.api import ApiClient
 from vm0fs.cache import Cache
 from vm0fs.control import RecentErrors
-from vm0fs.errors import ApiError, Unauthorized, Unavailable, Vm0fsError
+from vm0fs.errors import ApiError, Unauthorized, Unavailable
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
-from vm0fs.mounttable import mount_at, user_name
+from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
+    MountConfig,
+    MountError,
+    check_mountpoint,
+    unmount,
+)
 from vm0fs.tree import InodeTable
 from vm0fs.versions import RECENTLY_READ, VersionStore
 
 log = logging.getLogger("vm0fs.mount")
-
-DEFAULT_MAX_TASKS = 8  # concurrent FUSE requests; only the ones waiting on the network need many
-
-
-@dataclass
-class MountConfig:
-    mountpoint: Path
-    api_url: str
-    api_key: str
-    cache_dir: Path
-    metadata_ttl: float = 60.0
-    cache_size: int | None = None
-    cache_grace: float = RECENTLY_READ
-    max_version_size: int | None = None
-    allow_other: bool = False
-    fuse_options: list[str] = field(default_factory=list)
-    max_tasks: int = DEFAULT_MAX_TASKS
-    api_retry_time: float = 10.0
-    xattrs: bool = False
-
-
-class MountError(Vm0fsError):
-    """The mount could not be started; the message is for the user as it is."""
-
 
 def mount_options(config: MountConfig) -> set[str]:
     host = config.api_url.split("://", 1)[-1].split("/", 1)[0] or socket.gethostname()
@@ -63,45 +40,6 @@ def mount_options(config: MountConfig) -> set[str]:
         options |= {"allow_other", "default_permissions"}
     options |= set(config.fuse_options)
     return options
-
-
-def check_mountpoint(path: Path) -> None:
-    if _is_dead_mount(path):
-        # "Transport endpoint is not connected": a vm0fs process died and left its mount.
-        entry = mount_at(str(path))
-        if entry is None or not entry.is_vm0fs:
-            raise MountError(f"{path} is a dead mount of another filesystem: "
-                             f"fusermount3 -u -z {path}")
-        log.warning("%s is a dead vm0fs mount (its process ended): unmounting it", path)
-        unmount(path, lazy=True)
-    try:
-        _check_mountpoint(path)
-    except OSError as exc:
-        raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
-
-
-def _is_dead_mount(path: Path) -> bool:
-    """statfs always reaches the filesystem's process, where stat may be answered from the
-    kernel's cache of a dead mount's root."""
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
-
-def _check_mountpoint(path: Path) -> None:
-    if not path.exists():
-        raise MountError(f"mount point {path} does not exist")
-    if not path.is_dir():
-        raise MountError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
-        raise MountError(f"{path} is already a mount point (vm0fs unmount {path} first?)")
-    try:
-        if any(os.scandir(path)):
-            raise MountError(f"mount point {path} is not empty")
-    except PermissionError:
-        raise MountError(f"cannot read mount point {path}: permission denied") from None
 
 
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
@@ -120,9 +58,9 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                                                                    config.api_key))
             await _check_access(listings, config.api_url)
             table = InodeTable(pyfuse3.ROOT_INODE + 1)
-            store = VersionStore(cache, client, table,
-                                 max_version_bytes=config.max_version_size,
-                                 recently_read=config.cache_grace)
+            store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size,
+                                 recently_read=RECENTLY_READ if config.cache_grace is None
+                                 else config.cache_grace)
             store.describe = lambda artifact_id: _describe_artifact(listings, artifact_id)
             recent_errors = RecentErrors()
             ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
@@ -136,7 +74,7 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
             async with trio.open_nursery() as nursery:
-                listings.nursery = nursery
+                listings.start(nursery)  # the walk `_check_access` began goes on
                 store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
@@ -206,15 +144,16 @@ def mount_failure(config: MountConfig, said: str, fallback: str) -> str:
 
 
 async def _check_access(listings: Listings, api_url: str) -> None:
-    """One walk of the artifacts listing: the key works and the server answers (or, offline,
-    the last known listing exists). It also warms the listing for the first `ls`."""
+    """One request, the first page of the artifact list: the key works and the server answers
+    (or, offline, the last known listing exists). The rest of the list is fetched once mounted,
+    in the background, so that mounting does not wait for a walk of every page."""
     # Retries are worth a line each once mounted; before, only the outcome is.
     api_log = logging.getLogger("vm0fs.api")
     level = api_log.level
     if not api_log.isEnabledFor(logging.DEBUG):
         api_log.setLevel(logging.ERROR)
     try:
-        await listings.artifacts()
+        await listings.probe()
     except Unavailable as exc:
         raise MountError(f"cannot reach the vm0 API at {api_url}: {exc}") from None
     except Unauthorized:
@@ -238,32 +177,3 @@ async def _stop_on_signal() -> None:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
-
-
-def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    """Unmount a vm0fs mount (fusermount3 works for root and for the user who mounted), and
-    nothing else: other filesystems are not ours to unmount."""
-    entry = mount_at(str(mountpoint))
-    if entry is None:
-        if not os.path.lexists(mountpoint):
-            raise MountError(f"{mountpoint} does not exist")
-        raise MountError(f"{mountpoint} is not a mount point")
-    if not entry.is_vm0fs:
-        raise MountError(f"{mountpoint} is not a vm0fs mount (it is {entry.fstype}): "
-                         "vm0fs unmounts only its own mounts")
-    owner = entry.user_id
-    if os.getuid() != 0 and owner is not None and owner != os.getuid():
-        raise MountError(f"{mountpoint} is mounted by {user_name(owner)}: only that user "
-                         "or root can unmount it")
-    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [entry.path]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise MountError("fusermount3 is not installed (Debian package fuse3)") from None
-    except subprocess.TimeoutExpired:
-        raise MountError(f"unmounting {mountpoint} timed out") from None
-    if result.returncode != 0:
-        message = result.stderr.strip().removeprefix("fusermount3: ") or "failed"
-        message = " ".join(message.split())  # one line
-        hint = " (a process still uses it: close it, or use --lazy)" if "busy" in message else ""
-        raise MountError(f"cannot unmount {mountpoint}: {message}{hint}")
