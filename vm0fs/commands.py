@@ -433,6 +433,10 @@ def version_names(cache: Cache) -> dict[str, str]:
                 current = raw.get("current_version") or {}
                 if current.get("id"):
                     names[current["id"]] = raw["name"]
+        for record in namespace.glob("artifact-*.json"):  # one artifact's own newer record
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+                raw = json.loads(record.read_text())["record"]
+                artifacts[raw["id"]] = raw["name"]
         for listing in namespace.glob("versions-*.json"):
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 for raw in json.loads(listing.read_text()):

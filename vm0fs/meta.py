@@ -155,9 +155,10 @@ class Listings:
     def artifacts_refreshing(self) -> bool:
         return ARTIFACTS in self._refreshes
 
-    def known_artifacts(self) -> list[Artifact]:
-        """The last good artifacts listing held in memory, asking no one (for log lines)."""
-        return self._known.get("artifacts") or []
+    def known_artifact(self, artifact_id: str) -> Artifact | None:
+        """What is known about an artifact, from memory, asking no one (for log lines)."""
+        entry = self._own_record(artifact_id)
+        return entry.value if entry is not None else self._listed.get(artifact_id)
 
     def invalidate(self) -> None:
         """Everything known is older than the TTL from now on."""

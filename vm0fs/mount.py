@@ -98,10 +98,12 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
 
 def _describe_artifact(listings: Listings, artifact_id: str) -> str:
     """`name (id)` for log lines, from the last known listing; the id alone if unknown."""
-    for artifact in listings.known_artifacts():
-        if artifact.id == artifact_id:
-            return f"{artifact.name!r} ({artifact_id})"
-    return artifact_id
+    try:
+        artifact = listings.known_artifact(artifact_id)
+    except Exception:  # noqa: BLE001 - naming an error must never become one
+        log.debug("cannot name artifact %s", artifact_id, exc_info=True)
+        return artifact_id
+    return f"{artifact.name!r} ({artifact_id})" if artifact is not None else artifact_id
 
 
 def _init_fuse(ops: Operations, config: MountConfig) -> None:
