@@ -38,7 +38,16 @@ from vm0fs.control import (
 )
 from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import Listings
-from vm0fs.tree import Dir, File, Link, Node
+from vm0fs.tree import (
+    ROOT_ENTRY,
+    ContentDir,
+    Dir,
+    File,
+    Link,
+    Node,
+    TreeIndex,
+    in_version_range,
+)
 from vm0fs.versions import VersionState, VersionStore
 
 log = logging.getLogger("vm0fs.fs")
@@ -248,6 +257,7 @@ class Operations(pyfuse3.Operations):
                       "cap": self.cache.max_bytes, "versions": len(entries)},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
+            "memory": {**process_memory(), **self.store.memory()},
             "last_errors": list(self.recent_errors.records),
         }
 
@@ -389,7 +399,7 @@ class Operations(pyfuse3.Operations):
             folder.attrs = None
         return state
 
-    async def _children(self, node: Node) -> dict[str, Node]:
+    async def _children(self, node: Node) -> dict[str, Node] | ContentListing:
         """The entries of a folder, fetching what they depend on."""
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -398,24 +408,42 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, ArtifactDir):
             await self._refresh_artifacts()
             await self._refresh_versions(node)
-        elif isinstance(node, VersionDir):
-            await self._state(node).wait_tree()
-        elif node.owner is not None:
-            await node.owner.wait_tree()
+        elif isinstance(node, (VersionDir, ContentDir)):
+            state = self._state(node) if isinstance(node, VersionDir) else self._live(node.owner)
+            await state.wait_tree()
+            assert isinstance(state.index, TreeIndex)
+            entry = node.entry if isinstance(node, ContentDir) else ROOT_ENTRY
+            return ContentListing(state, state.index, entry)
         return node.children
+
+    def _live(self, state: VersionState) -> VersionState:
+        """The current state of a version (a failed one is replaced), its index loading."""
+        return self._state(state.root)  # type: ignore[arg-type]
 
     # -- handlers ----------------------------------------------------------------------
 
-    def _node(self, inode: int) -> Node:
-        node = self.table.get(inode)
-        if node is None:
+    async def _node(self, inode: int) -> Node:
+        """The node of an inode the kernel sent. An entry of a version whose index was dropped
+        is found again: its number says which version and which entry."""
+        if not in_version_range(inode):
+            node = self.table.get(inode)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return node
+        found = self.store.state_of(inode)
+        if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+        state, entry = found
+        state = self._live(state)
+        index = state.index
+        if (index is None or entry >= index.count) and not await state.wait_entry(entry):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return state.node(entry)
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
+        parent = await self._node(parent_inode)
         if not isinstance(parent, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         text = os.fsdecode(name)
@@ -429,10 +457,23 @@ class Operations(pyfuse3.Operations):
         return self._entry(node)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        self._counted(node)
         return self.attributes(node)
 
+    @staticmethod
+    def _counted(node: Node) -> None:
+        """The kernel got a reference to `node` (a lookup, or an entry of readdirplus)."""
+        if isinstance(node, (ContentDir, File)) or (isinstance(node, Link)
+                                                    and node.owner is not None):
+            node.owner.kernel_refs += 1  # entries of versions: counted per version
+        else:
+            node.lookups += 1
+
     def _parent(self, node: Dir) -> Dir:
+        if isinstance(node, ContentDir):
+            parent = node.owner.parent_entry(node.entry)
+            node = node.owner.node(parent) if parent != ROOT_ENTRY else node.owner.root
+            return node  # type: ignore[return-value]
         return node.parent or self.root
 
     def _negative_timeout(self, parent: Dir) -> float:
@@ -457,19 +498,27 @@ class Operations(pyfuse3.Operations):
             await self._refresh_artifacts()
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
-        state = self._state(parent) if isinstance(parent, VersionDir) else parent.owner
-        if state is not None:
-            await state.wait_name(parent, name)
+        if isinstance(parent, (VersionDir, ContentDir)):
+            state = self._state(parent) if isinstance(parent, VersionDir) else self._live(
+                parent.owner)
+            folder = parent.entry if isinstance(parent, ContentDir) else ROOT_ENTRY
+            entry = await state.wait_name(folder, name)
+            return state.node(entry) if entry is not None else None
         return parent.children.get(name)
 
     @fuse_errors
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.table.forget(inode, count)
+            if in_version_range(inode):
+                found = self.store.state_of(inode)
+                if found is not None:
+                    found[0].kernel_refs = max(found[0].kernel_refs - count, 0)
+            else:
+                self.table.forget(inode, count)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+        node = await self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
         elif isinstance(node, ArtifactDir) and node.attrs is None:
@@ -482,14 +531,14 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = self._node(inode)
+        node = await self._node(inode)
         if not isinstance(node, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        node = self._node(inode)
+        node = await self._node(inode)
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(node)
@@ -499,17 +548,25 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if not isinstance(handle, list):  # first call: snapshot the entries
+        if isinstance(handle, Node):  # first call: the entries of this folder
             children = await self._children(handle)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("readdir inode %d: %d entries", handle.inode, len(children))
-            handle = [(os.fsencode(name), node) for name, node in children.items()]
+            if isinstance(children, ContentListing):
+                handle = children  # entries of a version: read from its index as they go
+            else:
+                handle = [(os.fsencode(name), node) for name, node in children.items()]
             self._handles[fh] = handle
-        for index in range(start_id, len(handle)):
-            name, node = handle[index]
+        if isinstance(handle, ContentListing):
+            self.store.ensure(handle.state)  # in use
+            entries: Any = ((name, handle.state.node(entry)) for name, entry
+                            in handle.index.children(handle.entry, start_id))
+        else:
+            entries = handle[start_id:]
+        for index, (name, node) in enumerate(entries, start_id):
             if not pyfuse3.readdir_reply(token, name, self.attributes(node), index + 1):
                 return
-            node.lookups += 1
+            self._counted(node)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -517,7 +574,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
-        node = self._node(inode)
+        node = await self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, Dir):
@@ -626,7 +683,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking for good
-        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        value = self._xattrs(await self._node(inode)).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
@@ -634,7 +691,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return [name.encode() for name in self._xattrs(self._node(inode))]
+        return [name.encode() for name in self._xattrs(await self._node(inode))]
 
     def _new_handle(self, target: Any) -> int:
         fh = self._next_handle
@@ -652,6 +709,35 @@ class Operations(pyfuse3.Operations):
 
     mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
     setxattr = removexattr = _read_only
+
+
+class ContentListing:
+    """A folder of a version being listed: its entries come from the index as they are sent
+    (the index is kept even if the version drops it meanwhile: the numbers stay the same)."""
+
+    __slots__ = ("state", "index", "entry")
+
+    def __init__(self, state: VersionState, index: TreeIndex, entry: int) -> None:
+        self.state = state
+        self.index = index
+        self.entry = entry
+
+    def __len__(self) -> int:
+        return self.index.child_count(self.entry)
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak, in bytes (from /proc)."""
+    found = {"rss": 0, "peak_rss": 0}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                key = {"VmRSS:": "rss", "VmHWM:": "peak_rss"}.get(line.split(":", 1)[0] + ":")
+                if key is not None:
+                    found[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def _pread_into(fd: int, buf: bytearray, done: int, start: int) -> int:
