@@ -578,3 +578,160 @@ def test_names_longer_than_name_max_are_left_out(tmp_path: Path) -> None:
         assert set(await h.listdir("artifacts/run/current/d")) == {"ok"}
 
     run(tmp_path, client, test)
+
+
+# --- memory: indexes dropped and found again ---------------------------------------------------
+
+NESTED = tar_gz([("top.txt", b"top\n"), ("d/", b""), ("d/e/f.txt", b"deep file\n"),
+                 ("d/link", "e/f.txt"), ("d/g.bin", bytes(range(256)) * 50)])
+
+
+async def read_inode(h: Harness, inode: int) -> bytes:
+    info = await h.ops.open(inode, os.O_RDONLY)
+    try:
+        return bytes(await h.ops.read(info.fh, 0, 1 << 20))
+    finally:
+        await h.ops.release(info.fh)
+
+
+async def list_inode(h: Harness, inode: int) -> dict[str, int]:
+    fh = await h.ops.opendir(inode)
+    entries: dict[str, int] = {}
+    original = pyfuse3.readdir_reply
+
+    def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+        entries[os.fsdecode(name)] = attrs.st_ino
+        return True
+
+    pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+    try:
+        await h.ops.readdir(fh, 0, None)
+    finally:
+        pyfuse3.readdir_reply = original  # type: ignore[assignment]
+        await h.ops.releasedir(fh)
+    return entries
+
+
+def test_inodes_the_kernel_holds_answer_after_the_index_is_dropped(tmp_path: Path) -> None:
+    """getattr, read, readlink, readdir, lookup and '..' of inodes looked up before the
+    version's index was dropped: the same entries, the same numbers, no new download."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        root = f"artifacts/run/{vid}"
+        vdir = await h.resolve(root)
+        d = await h.resolve(f"{root}/d")
+        f = await h.resolve(f"{root}/d/e/f.txt")
+        e = await h.resolve(f"{root}/d/e")
+        link = await h.lookup(f"{root}/d/link")
+        listed = await list_inode(h, d.st_ino)
+        (state,) = h.store.states.values()
+        assert state.index is not None and h.store.memory()["versions_in_memory"] == 1
+        assert state.kernel_refs > 0
+
+        h.store.drop(state)
+        assert state.index is None and h.store.memory()["versions_in_memory"] == 0
+        again = await h.ops.getattr(f.st_ino)
+        assert (again.st_ino, again.st_size, again.st_mode) == (f.st_ino, 10, f.st_mode)
+        assert state.index is not None  # mapped again from the cache
+
+        h.store.drop(state)
+        assert await read_inode(h, f.st_ino) == b"deep file\n"
+        h.store.drop(state)
+        assert os.fsdecode(await h.ops.readlink(link.st_ino)) == "e/f.txt"
+        h.store.drop(state)
+        assert await list_inode(h, d.st_ino) == listed
+        h.store.drop(state)
+        assert (await h.ops.lookup(e.st_ino, b"f.txt")).st_ino == f.st_ino
+        h.store.drop(state)
+        assert (await h.ops.lookup(e.st_ino, b"..")).st_ino == d.st_ino
+        assert (await h.ops.lookup(d.st_ino, b"..")).st_ino == vdir.st_ino
+        assert (await h.ops.lookup(e.st_ino, b"nothing")).st_ino == 0
+        assert h.client.downloads == 1
+
+        # Numbers past the version's entries, or in a range no version has: ENOENT.
+        for bogus in (state.base + 10_000, state.base + (1 << 31) + (7 << 32)):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await h.ops.getattr(bogus)
+            assert fuse_errno(excinfo) == errno.ENOENT
+
+    run(tmp_path, client, test)
+
+
+def test_forgotten_entries_are_found_again_from_a_new_download(tmp_path: Path) -> None:
+    """Once the kernel forgets a version's entries its index goes; if its cache entry goes
+    too, looking it up again downloads it and gives every entry the number it had."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        root = f"artifacts/run/{vid}"
+        paths = ["top.txt", "d", "d/e", "d/e/f.txt", "d/link", "d/g.bin"]
+        before = {p: (await h.lookup(f"{root}/{p}")).st_ino for p in paths}
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        refs = state.kernel_refs
+        await h.ops.forget([(inode, 1) for inode in before.values()])
+        assert state.kernel_refs == refs - len(paths)
+        await h.ops.forget([(inode, 100) for inode in before.values()])
+        assert state.kernel_refs == 0
+        assert h.store.trim(state.last_used + 1) == 0  # used a moment ago: kept
+        assert h.store.trim(state.last_used + 10) == 1  # nothing held by the kernel: dropped
+        assert state.index is None
+
+        # The cache entry goes as well (as eviction would do it).
+        assert state.fd is not None
+        os.close(state.fd)
+        state.fd = None
+        assert h.store.cache.evict(0) > 0
+        # A forgotten inode is asked for again (an NFS-style handle): downloaded again.
+        assert await read_inode(h, before["d/g.bin"]) == bytes(range(256)) * 50
+        assert h.client.downloads == 2
+        assert {p: (await h.lookup(f"{root}/{p}")).st_ino for p in paths} == before
+
+    run(tmp_path, client, test)
+
+
+def test_unused_indexes_leave_memory(tmp_path: Path) -> None:
+    """Indexes nobody used for tree_idle seconds go, held by the kernel or not; the least
+    recently used go first while all together pass the budget."""
+    client = FakeClient()
+    ids = client.add("a1", "run", [tar_gz({f"f{i}.txt": b"%d" % i for i in range(n)})
+                                   for n in (10, 20, 30)])
+
+    async def test(h: Harness) -> None:
+        for vid in ids:
+            await h.lookup(f"artifacts/run/{vid}/f1.txt")
+        states = [h.store.states[("a1", vid)] for vid in ids]
+        for state in states:
+            await state.wait_tree()
+        for i, state in enumerate(states):
+            state.last_used = 1000.0 + i
+        assert all(s.kernel_refs > 0 for s in states)
+        assert h.store.trim(1000.0 + h.store.tree_idle + 0.5) == 1  # the oldest only
+        assert [s.index is None for s in states] == [True, False, False]
+        assert h.store.memory() == {"versions_known": 3, "versions_in_memory": 2,
+                                    "index_bytes": sum(s.index.nbytes for s in states[1:])}
+        h.store.tree_budget = states[2].index.nbytes  # room for one
+        assert h.store.trim(1000.0) == 1
+        assert [s.index is None for s in states] == [True, True, False]
+        # Used again: back, with the same entries.
+        assert (await h.read(f"artifacts/run/{ids[0]}/f9.txt")) == b"9"
+
+    run(tmp_path, client, test)
+
+
+def test_status_shows_memory(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        await h.read("artifacts/run/current/README.md")
+        memory = json.loads(await h.read(".vm0fs/status.json"))["memory"]
+        assert memory["versions_in_memory"] == memory["versions_known"] == 1
+        assert memory["rss"] > 1 << 20 and memory["peak_rss"] >= memory["rss"]
+        text = (await h.read(".vm0fs/status")).decode()
+        assert "1 of 1 version(s) held in memory" in text
+
+    run(tmp_path, client, test)

@@ -319,6 +319,14 @@ class TreeBuilder:
     def find(self, folder: int, name: str) -> int | None:
         return self._slots.get(f"{folder}/{name}")
 
+    @property
+    def nbytes(self) -> int:
+        """About what it uses (the arrays, and ~100 bytes a name in the lookup table)."""
+        arrays = (self._mode, self._parent, self._size, self._mtime, self._offset,
+                  self._name_off, self._extra_off)
+        return (sum(len(a) * a.itemsize for a in arrays) + len(self._names) + len(self._extra)
+                + 100 * len(self._slots))
+
     # -- growing --
 
     def _new(self, parent: int, name: str, mode: int, size: int, mtime_ns: int, offset: int,

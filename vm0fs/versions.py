@@ -342,7 +342,7 @@ class VersionStore:
         """How many versions hold their index in memory, and its bytes."""
         held = [s.index for s in self.states.values() if s.index is not None]
         return {"versions_known": len(self.states), "versions_in_memory": len(held),
-                "index_bytes": sum(getattr(i, "nbytes", 0) for i in held)}
+                "index_bytes": sum(i.nbytes for i in held)}
 
     # -- open files and eviction -------------------------------------------------------
 
