@@ -198,6 +198,9 @@ class TreeIndex:
                 raise BadIndex("index file truncated")
             setattr(self, "_" + name, view[pos:pos + size].cast(code))
             pos += (size + 7) // 8 * 8
+        if (self._name_off[n] != b or self._extra_off[n] != x or self._child_off[n] != c
+                or self._name_off[0] or self._extra_off[0] or self._child_off[0]):
+            raise BadIndex("index file inconsistent")
         self.count = n
         self.nbytes = len(view)
         self._buf = buf
