@@ -40,6 +40,7 @@ from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import Listings
 from vm0fs.tree import (
     ROOT_ENTRY,
+    VERSION_INODES,
     ContentDir,
     Dir,
     File,
@@ -418,19 +419,34 @@ class Operations(pyfuse3.Operations):
 
     def _live(self, state: VersionState) -> VersionState:
         """The current state of a version (a failed one is replaced), its index loading."""
+        if state.error is None and state.index is not None and state.fd is not None:
+            state.last_used = time.monotonic()  # the usual case, on every request: quick
+            return state
         return self._state(state.root)  # type: ignore[arg-type]
 
     # -- handlers ----------------------------------------------------------------------
 
+    def _node_now(self, inode: int) -> Node | None:
+        """The node of an inode when no waiting is needed (the usual case); else None."""
+        if inode < VERSION_INODES:
+            return self.table.get(inode)
+        found = self.store.state_of(inode)
+        if found is None:
+            return None
+        state, entry = found
+        index = state.index
+        if index is None or entry >= index.count or state.error is not None or state.fd is None:
+            return None
+        state.last_used = time.monotonic()
+        return state.node(entry)
+
     async def _node(self, inode: int) -> Node:
         """The node of an inode the kernel sent. An entry of a version whose index was dropped
         is found again: its number says which version and which entry."""
-        if not in_version_range(inode):
-            node = self.table.get(inode)
-            if node is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+        node = self._node_now(inode)
+        if node is not None:
             return node
-        found = self.store.state_of(inode)
+        found = self.store.state_of(inode) if in_version_range(inode) else None
         if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         state, entry = found
@@ -443,7 +459,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
-        parent = await self._node(parent_inode)
+        parent = self._node_now(parent_inode) or await self._node(parent_inode)
         if not isinstance(parent, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         text = os.fsdecode(name)
@@ -502,7 +518,11 @@ class Operations(pyfuse3.Operations):
             state = self._state(parent) if isinstance(parent, VersionDir) else self._live(
                 parent.owner)
             folder = parent.entry if isinstance(parent, ContentDir) else ROOT_ENTRY
-            entry = await state.wait_name(folder, name)
+            index = state.index
+            if index is not None and index.complete:
+                entry = index.find(folder, name)  # the usual case: no need to wait
+            else:
+                entry = await state.wait_name(folder, name)
             return state.node(entry) if entry is not None else None
         return parent.children.get(name)
 
@@ -518,7 +538,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = await self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
         elif isinstance(node, ArtifactDir) and node.attrs is None:
@@ -531,14 +551,14 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = await self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if not isinstance(node, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        node = await self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(node)
@@ -574,7 +594,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
-        node = await self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, Dir):

@@ -34,8 +34,11 @@ from vm0fs.archive import DIR, FILE, LINK, Member
 IMPLIED_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one path component
 VERSION_SHIFT = 32  # a version's inodes: (ordinal + 1) << 32 plus the entry number
+VERSION_INODES = 1 << VERSION_SHIFT  # the first inode of the first version's range
 ROOT_ENTRY = 0  # the version folder itself
 I64_MAX = (1 << 63) - 1
+SMALL_FOLDER = 8  # entries a lookup searches by bisection...
+FOLDER_CACHE = 16384  # ...above that, names of folders looked in lately, in dicts, at most
 
 
 def _has_long_part(path: str) -> bool:
@@ -139,7 +142,7 @@ class InodeTable:
 
 
 def in_version_range(inode: int) -> bool:
-    return inode >= 1 << VERSION_SHIFT
+    return inode >= VERSION_INODES
 
 
 def split_inode(inode: int) -> tuple[int, int]:
@@ -204,7 +207,8 @@ class TreeIndex:
         self.count = n
         self.nbytes = len(view)
         self._buf = buf
-        self._child_names: Any = None
+        self._folders: dict[int, dict[bytes, int]] = {}  # see find
+        self._cached = 0  # names in _folders
 
     # Views of the arrays, created in __init__ (declared here for the type checker).
     _mode: Any
@@ -254,8 +258,20 @@ class TreeIndex:
 
     def find(self, folder: int, name: str) -> int | None:
         """The entry called `name` in the folder entry `folder`, or None."""
-        lo, hi = self._child_off[folder], self._child_off[folder + 1]
         key = os.fsencode(name)
+        names = self._folders.get(folder)
+        if names is not None:
+            return names.get(key)
+        lo, hi = self._child_off[folder], self._child_off[folder + 1]
+        if SMALL_FOLDER < hi - lo <= FOLDER_CACHE:
+            # Lookups come in runs over one folder (find, grep -r): a dict of its names.
+            if self._cached + hi - lo > FOLDER_CACHE:
+                self._folders.clear()
+                self._cached = 0
+            names = {self.name(entry): entry for entry in self._children[lo:hi]}
+            self._folders[folder] = names
+            self._cached += hi - lo
+            return names.get(key)
         i = bisect.bisect_left(self._children, key, lo, hi, key=self.name)
         if i < hi and self.name(self._children[i]) == key:
             return self._children[i]
@@ -495,11 +511,13 @@ def build_index(members: list[Member], implied_mtime_ns: int, tar_size: int) -> 
 
 
 def node_for(index: TreeIndex | TreeBuilder, entry: int, inode: int, owner: Any) -> Node:
-    """The node of an entry (made now; nobody keeps it)."""
-    mode = index.mode(entry)
+    """The node of an entry (made now; nobody keeps it for long)."""
+    mode = index._mode[entry]
+    mtime = index._mtime[entry]
     if stat.S_ISDIR(mode):
-        return ContentDir(inode, mode, index.mtime(entry), owner, entry)
+        return ContentDir(inode, mode, mtime, owner, entry)
+    has_extra = index._extra_off[entry] != index._extra_off[entry + 1]
     if stat.S_ISLNK(mode):
-        return Link(inode, os.fsdecode(index.extra(entry)), index.mtime(entry), owner, entry)
-    return File(inode, mode, index.size(entry), index.mtime(entry), owner, index.offset(entry),
-                sparse_runs(index.extra(entry)), entry)
+        return Link(inode, os.fsdecode(index.extra(entry)), mtime, owner, entry)
+    return File(inode, mode, index._size[entry], mtime, owner, index._offset[entry],
+                sparse_runs(index.extra(entry)) if has_extra else None, entry)

@@ -45,6 +45,7 @@ TREE_IDLE = 60.0
 TREE_GRACE = 5.0
 TREE_BUDGET = 16 << 20
 TRIM_INTERVAL = 5.0
+NODE_CACHE = 2048  # nodes of entries kept per version in memory
 
 
 class VersionState:
@@ -73,6 +74,7 @@ class VersionState:
         self.implied_mtime_ns = 0  # of folders the archive does not list: the version's date
         self.fetch: Fetch | None = None  # the download under way, if any
         self._changed = trio.Event()
+        self._nodes: dict[int, Node] = {}
 
     @property
     def data_ready(self) -> bool:
@@ -96,11 +98,25 @@ class VersionState:
         return self.root.inode if entry == ROOT_ENTRY else self.base + entry
 
     def node(self, entry: int) -> Node:
-        """The node of an entry of the loaded index."""
+        """The node of an entry of the loaded index (the last few made are kept, with the
+        attributes the fs layer caches on them: a lookup follows a listing)."""
         if entry == ROOT_ENTRY:
             return self.root
-        assert self.index is not None
-        return node_for(self.index, entry, self.base + entry, self)
+        node = self._nodes.get(entry)
+        if node is not None:
+            return node
+        index = self.index
+        assert index is not None
+        node = node_for(index, entry, self.base + entry, self)
+        if index.complete:  # while it grows, a folder's mode may still change
+            if len(self._nodes) >= NODE_CACHE:
+                self._nodes.clear()
+            self._nodes[entry] = node
+        return node
+
+    def set_index(self, index: TreeIndex | TreeBuilder | None) -> None:
+        self.index = index
+        self._nodes.clear()
 
     def parent_entry(self, entry: int) -> int:
         assert self.index is not None
@@ -224,7 +240,7 @@ class VersionStore:
         if state.index is None and state.fd is not None and state.fd >= 0:
             # The data is open (so its cache entry cannot go): map its index again.
             try:
-                state.index = self.cache.load_index(state.version_id)
+                state.set_index(self.cache.load_index(state.version_id))
             except OSError as exc:
                 log.debug("version %s: index not loaded again: %s", state.version_id[:12], exc)
             if state.index is not None:
@@ -250,7 +266,7 @@ class VersionStore:
                 if state.fd is not None and state.fd >= 0 and state.fd != entry.fd:
                     os.close(state.fd)
                 state.fd = entry.fd
-                state.index = entry.index
+                state.set_index(entry.index)
                 state.progress.advance(entry.size)
                 state.progress.end()
             elif self.offline():
@@ -275,7 +291,7 @@ class VersionStore:
         state.progress.end(exc)
         state.fd = None
         if state.index is not None and not state.index.complete:
-            state.index = None  # a partial tree: the next try builds it again
+            state.set_index(None)  # a partial tree: the next try builds it again
 
     async def _download(self, state: VersionState) -> None:
         self.downloads += 1
@@ -283,7 +299,7 @@ class VersionStore:
                       state.progress, state.expected_size, state.implied_mtime_ns)
         state.fetch = fetch
         if state.index is None:
-            state.index = fetch.index  # served while it grows
+            state.set_index(fetch.index)  # served while it grows
 
         def step() -> None:
             state.fd = fetch.fd
@@ -294,7 +310,7 @@ class VersionStore:
         finally:
             state.fetch = None
         state.fd = entry.fd
-        state.index = entry.index
+        state.set_index(entry.index)
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -305,7 +321,7 @@ class VersionStore:
     def drop(self, state: VersionState) -> None:
         """Let go of a version's index (it is mapped again from the cache when needed)."""
         log.debug("version %s: index dropped from memory", state.version_id[:12])
-        state.index = None
+        state.set_index(None)
 
     def trim(self, now: float | None = None) -> int:
         """Drop the indexes of versions nobody used for `tree_idle` seconds, or whose entries
@@ -376,7 +392,7 @@ class VersionStore:
 
     def close(self) -> None:
         for state in self.states.values():
-            state.index = None
+            state.set_index(None)
             if state.fd is not None and state.fd >= 0:
                 try:
                     os.close(state.fd)
