@@ -735,3 +735,40 @@ def test_status_shows_memory(tmp_path: Path) -> None:
         assert "1 of 1 version(s) held in memory" in text
 
     run(tmp_path, client, test)
+
+
+def test_a_listing_goes_on_after_the_index_is_dropped(tmp_path: Path) -> None:
+    """readdir in several calls (a big folder), the index dropped between them."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [tar_gz({f"f{i:03}": b"x" for i in range(50)})])
+
+    async def test(h: Harness) -> None:
+        folder = await h.lookup(f"artifacts/run/{vid}")
+        await h.lookup(f"artifacts/run/{vid}/f000")
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        fh = await h.ops.opendir(folder.st_ino)
+        got: list[tuple[str, int]] = []
+        original = pyfuse3.readdir_reply
+
+        def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+            got.append((os.fsdecode(name), attrs.st_ino))
+            return len(got) % 20 != 0  # the kernel's buffer is full every 20 entries
+
+        pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+        try:
+            while len(got) < 50:
+                before = len(got)
+                h.store.drop(state)
+                await h.ops.readdir(fh, len(got), None)
+                assert len(got) > before
+        finally:
+            pyfuse3.readdir_reply = original  # type: ignore[assignment]
+            await h.ops.releasedir(fh)
+        names = [name for name, _ in got]
+        assert sorted(set(names)) == [f"f{i:03}" for i in range(50)]
+        inodes = dict(got)
+        for name, inode in inodes.items():
+            assert (await h.lookup(f"artifacts/run/{vid}/{name}")).st_ino == inode
+
+    run(tmp_path, client, test)

@@ -579,7 +579,7 @@ class Operations(pyfuse3.Operations):
             self._handles[fh] = handle
         if isinstance(handle, ContentListing):
             self.store.ensure(handle.state)  # in use
-            entries: Any = ((name, handle.state.node(entry)) for name, entry
+            entries: Any = ((name, handle.state.node(entry, handle.index)) for name, entry
                             in handle.index.children(handle.entry, start_id))
         else:
             entries = handle[start_id:]

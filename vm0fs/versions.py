@@ -97,15 +97,16 @@ class VersionState:
     def inode(self, entry: int) -> int:
         return self.root.inode if entry == ROOT_ENTRY else self.base + entry
 
-    def node(self, entry: int) -> Node:
-        """The node of an entry of the loaded index (the last few made are kept, with the
-        attributes the fs layer caches on them: a lookup follows a listing)."""
+    def node(self, entry: int, index: TreeIndex | TreeBuilder | None = None) -> Node:
+        """The node of an entry of the loaded index, or of `index` (a listing keeps the one it
+        started with). The last few made are kept, with the attributes the fs layer caches on
+        them: a lookup follows a listing."""
         if entry == ROOT_ENTRY:
             return self.root
         node = self._nodes.get(entry)
         if node is not None:
             return node
-        index = self.index
+        index = index or self.index
         assert index is not None
         node = node_for(index, entry, self.base + entry, self)
         if index.complete:  # while it grows, a folder's mode may still change
