@@ -419,7 +419,7 @@ class Operations(pyfuse3.Operations):
 
     def _live(self, state: VersionState) -> VersionState:
         """The current state of a version (a failed one is replaced), its index loading."""
-        if state.error is None and state.index is not None and state.fd is not None:
+        if state.error is None and state.index is not None:
             state.last_used = time.monotonic()  # the usual case, on every request: quick
             return state
         return self._state(state.root)  # type: ignore[arg-type]
@@ -435,7 +435,7 @@ class Operations(pyfuse3.Operations):
             return None
         state, entry = found
         index = state.index
-        if index is None or entry >= index.count or state.error is not None or state.fd is None:
+        if index is None or entry >= index.count or state.error is not None:
             return None
         state.last_used = time.monotonic()
         return state.node(entry)
@@ -634,6 +634,8 @@ class Operations(pyfuse3.Operations):
         state: VersionState = node.owner
         fd = state.fd
         if fd is None or not state.data_ready:
+            if fd is None:
+                self.store.ensure(state, data=True)  # evicted meanwhile: fetch it again
             fd = await state.wait_bytes(start + length)
         buf = bytearray(length)
         try:

@@ -94,9 +94,6 @@ class VersionState:
         if self.index is None and not self.loading:
             raise Vm0fsError("version contents are not loaded")
 
-    def inode(self, entry: int) -> int:
-        return self.root.inode if entry == ROOT_ENTRY else self.base + entry
-
     def node(self, entry: int, index: TreeIndex | TreeBuilder | None = None) -> Node:
         """The node of an entry of the loaded index, or of `index` (a listing keeps the one it
         started with). The last few made are kept, with the attributes the fs layer caches on
@@ -232,9 +229,9 @@ class VersionStore:
         state = self.states.get(self._keys[ordinal])
         return (state, entry) if state is not None else None
 
-    def ensure(self, state: VersionState) -> None:
-        """Note that the version is used now, and load what it lacks (its index or its data)
-        unless that is under way."""
+    def ensure(self, state: VersionState, data: bool = False) -> None:
+        """Note that the version is used now, and load what it lacks (its index, and its data
+        if `data`) unless that is under way."""
         state.last_used = time.monotonic()
         if state.error is not None or state.loading:
             return
@@ -247,7 +244,7 @@ class VersionStore:
             if state.index is not None:
                 self._over_budget(state)
                 return
-        if state.index is None or state.fd is None:
+        if state.index is None or (data and state.fd is None):
             self._start(state)
 
     def _start(self, state: VersionState) -> None:
@@ -368,7 +365,7 @@ class VersionStore:
         state.open_handles += 1
         self.cache.touch(state.version_id)  # least recently *used* goes first
         if state.fd is None:
-            self.ensure(state)  # its data was evicted: fetch it again
+            self.ensure(state, data=True)  # its data was evicted: fetch it again
 
     def released(self, node: File) -> None:
         node.owner.open_handles -= 1
