@@ -17,6 +17,7 @@ from vm0fs.tree import (
     TreeBuilder,
     TreeIndex,
     build_index,
+    sparse_runs,
     split_inode,
     version_base,
 )
@@ -65,10 +66,7 @@ def walk(index: TreeIndex, entry: int) -> dict:
             kind = LINK if stat.S_ISLNK(mode) else FILE
             extra = index.extra(child)
             target = os.fsdecode(extra) if kind == LINK else ""
-            runs = None
-            if kind == FILE and extra:
-                from vm0fs.tree import sparse_runs
-                runs = sparse_runs(extra)
+            runs = sparse_runs(extra) if kind == FILE else None
             out[name] = (kind, stat.S_IMODE(mode), index.size(child), index.offset(child),
                          target, runs)
     return out
