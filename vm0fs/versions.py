@@ -239,7 +239,7 @@ class VersionStore:
             # The data is open (so its cache entry cannot go): map its index again.
             try:
                 state.set_index(self.cache.load_index(state.version_id))
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # gone or damaged: _load sorts it out
                 log.debug("version %s: index not loaded again: %s", state.version_id[:12], exc)
             if state.index is not None:
                 self._over_budget(state)
