@@ -772,3 +772,21 @@ def test_a_listing_goes_on_after_the_index_is_dropped(tmp_path: Path) -> None:
             assert (await h.lookup(f"artifacts/run/{vid}/{name}")).st_ino == inode
 
     run(tmp_path, client, test)
+
+
+def test_a_damaged_index_file_is_rebuilt_with_the_same_numbers(tmp_path: Path) -> None:
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        f = await h.lookup(f"artifacts/run/{vid}/d/e/f.txt")
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        h.store.drop(state)
+        (h.store.cache.versions / vid / "index.bin").write_bytes(b"garbage")
+        assert (await h.ops.getattr(f.st_ino)).st_size == 10
+        assert await read_inode(h, f.st_ino) == b"deep file\n"
+        assert h.client.downloads == 2  # the entry was removed and fetched again
+        assert (await h.lookup(f"artifacts/run/{vid}/d/e/f.txt")).st_ino == f.st_ino
+
+    run(tmp_path, client, test)

@@ -256,13 +256,14 @@ class VersionStore:
         self._nursery.start_soon(self._load, state, name=f"load {state.version_id[:12]}")
 
     async def _load(self, state: VersionState) -> None:
+        # Loaded again while its data is open (its index file was unreadable): the old
+        # descriptor is closed once the new one is in place.
+        old_fd = state.fd if state.fd is not None and state.fd >= 0 else None
         try:
             entry = await trio.to_thread.run_sync(self.cache.open_entry, state.version_id)
             if entry is not None:
                 log.debug("version %s: %d entries from the cache", state.version_id[:12],
                           entry.index.count)
-                if state.fd is not None and state.fd >= 0 and state.fd != entry.fd:
-                    os.close(state.fd)
                 state.fd = entry.fd
                 state.set_index(entry.index)
                 state.progress.advance(entry.size)
@@ -277,6 +278,8 @@ class VersionStore:
         finally:
             state.loading = False
             state.notify()
+            if old_fd is not None and old_fd != state.fd:
+                os.close(old_fd)
         if state.error is None:
             self._over_budget(state)
             if self.cache.max_bytes is not None:
