@@ -578,7 +578,7 @@ class Operations(pyfuse3.Operations):
                 handle = [(os.fsencode(name), node) for name, node in children.items()]
             self._handles[fh] = handle
         if isinstance(handle, ContentListing):
-            self.store.ensure(handle.state)  # in use
+            handle.state.last_used = time.monotonic()  # in use (its own index is kept)
             entries: Any = ((name, handle.state.node(entry, handle.index)) for name, entry
                             in handle.index.children(handle.entry, start_id))
         else:
@@ -754,9 +754,10 @@ def process_memory() -> dict[str, int]:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                key = {"VmRSS:": "rss", "VmHWM:": "peak_rss"}.get(line.split(":", 1)[0] + ":")
+                name, _, value = line.partition(":")
+                key = {"VmRSS": "rss", "VmHWM": "peak_rss"}.get(name)
                 if key is not None:
-                    found[key] = int(line.split()[1]) * 1024
+                    found[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return found
