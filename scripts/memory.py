@@ -48,11 +48,13 @@ def write_version(path: Path, entries: int, rng: random.Random) -> int:
     per_dir = 100
     files = entries * per_dir // (per_dir + 1)  # one folder entry per 100 files
     tag = rng.getrandbits(32)
+    folders = set()
     for i in range(files):
-        name = f"run-{i // (per_dir * 20):03d}/step-{i // per_dir % 20:02d}/out-{i:06d}.log"
-        out.add(name, f"{tag:08x} {i} {rng.random():.6f}\n".encode())
+        folder = f"run-{i // (per_dir * 20):03d}/step-{i // per_dir % 20:02d}"
+        folders.update((folder, folder.split("/")[0]))
+        out.add(f"{folder}/out-{i:06d}.log", f"{tag:08x} {i} {rng.random():.6f}\n".encode())
     out.close()
-    return out.files + len(out._dirs)
+    return out.files + len(folders)
 
 
 def prepare(root: Path, versions: int, entries: int, huge: int) -> dict[str, Any]:
