@@ -3,6 +3,7 @@ the real version store and listings, under trio."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import json
@@ -141,7 +142,7 @@ class Harness:
         original = pyfuse3.readdir_reply
 
         def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
-            entries[os.fsdecode(name)] = attrs
+            entries[os.fsdecode(name)] = copy.copy(attrs)  # libfuse copies them at once
             return True
 
         pyfuse3.readdir_reply = reply  # type: ignore[assignment]
@@ -788,5 +789,28 @@ def test_a_damaged_index_file_is_rebuilt_with_the_same_numbers(tmp_path: Path) -
         assert await read_inode(h, f.st_ino) == b"deep file\n"
         assert h.client.downloads == 2  # the entry was removed and fetched again
         assert (await h.lookup(f"artifacts/run/{vid}/d/e/f.txt")).st_ino == f.st_ino
+
+    run(tmp_path, client, test)
+
+
+def test_listed_attributes_are_those_getattr_gives(tmp_path: Path) -> None:
+    """readdirplus builds attributes straight from the index: the same as getattr's."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+    fields = ("st_ino", "st_mode", "st_size", "st_blocks", "st_mtime_ns", "st_ctime_ns",
+              "st_nlink", "st_uid", "st_gid", "st_blksize", "entry_timeout", "attr_timeout")
+
+    async def test(h: Harness) -> None:
+        pending = [f"artifacts/run/{vid}"]
+        seen = 0
+        while pending:
+            path = pending.pop()
+            for name, listed in (await h.listdir(path)).items():
+                seen += 1
+                got = await h.ops.getattr(listed.st_ino)
+                assert [getattr(listed, f) for f in fields] == [getattr(got, f) for f in fields]
+                if stat.S_ISDIR(listed.st_mode):
+                    pending.append(f"{path}/{name}")
+        assert seen == 6
 
     run(tmp_path, client, test)

@@ -256,6 +256,13 @@ class TreeIndex:
     def extra(self, entry: int) -> bytes:
         return bytes(self._extra[self._extra_off[entry]:self._extra_off[entry + 1]])
 
+    def stat(self, entry: int) -> tuple[int, int, int]:
+        """(st_mode, st_size, mtime in ns) of an entry, as its node would have them."""
+        mode = self._mode[entry]
+        if stat.S_ISLNK(mode):  # the target's length
+            return mode, self._extra_off[entry + 1] - self._extra_off[entry], self._mtime[entry]
+        return mode, self._size[entry], self._mtime[entry]
+
     def find(self, folder: int, name: str) -> int | None:
         """The entry called `name` in the folder entry `folder`, or None."""
         key = os.fsencode(name)
@@ -279,6 +286,20 @@ class TreeIndex:
 
     def child_count(self, folder: int) -> int:
         return self._child_off[folder + 1] - self._child_off[folder]
+
+    def listing(self, folder: int, start: int = 0
+                ) -> Iterator[tuple[bytes, int, int, int, int]]:
+        """(name, entry, st_mode, st_size, mtime) of a folder's entries from the `start`th on,
+        sorted by name (`children` and `stat` in one: the hot path of readdir)."""
+        names, name_off, extra_off = self._names, self._name_off, self._extra_off
+        modes, sizes, mtimes, children = self._mode, self._size, self._mtime, self._children
+        for i in range(self._child_off[folder] + start, self._child_off[folder + 1]):
+            entry = children[i]
+            mode = modes[entry]
+            size = (extra_off[entry + 1] - extra_off[entry] if stat.S_ISLNK(mode)
+                    else sizes[entry])
+            yield (bytes(names[name_off[entry]:name_off[entry + 1]]), entry, mode, size,
+                   mtimes[entry])
 
     def children(self, folder: int, start: int = 0) -> Iterator[tuple[bytes, int]]:
         """(name, entry) of a folder's entries from the `start`th on, sorted by name."""
