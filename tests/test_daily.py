@@ -11,7 +11,7 @@ from conftest import DevServer
 from mounting import MountFactory, run_cli
 
 pytest_plugins = ["mounting"]
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fallback]
 
 
 def current_id(mnt: Path, name: str) -> str:

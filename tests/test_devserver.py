@@ -665,6 +665,7 @@ def test_stats_counting_and_reset(dev_server: Start, tmp_path: Path) -> None:
             ["list_artifacts", "get_artifact", "list_versions", "download", "blob"], 0
         ),
         "blob_bytes": 0,
+        "blob_peak": 0,
     }
     assert srv.stats() == zero
     with srv.client() as c:
@@ -687,6 +688,7 @@ def test_stats_counting_and_reset(dev_server: Start, tmp_path: Path) -> None:
         "blob": 3,
     }
     assert stats["blob_bytes"] == len(archive) + 10
+    assert stats["blob_peak"] == 1  # one after the other
     srv.reset()
     assert srv.stats() == zero
 

@@ -1,4 +1,6 @@
-"""Browsing the mount in a file manager must never download an archive.
+"""Browsing `artifacts/` and an artifact's folder in a file manager must never download an
+archive. (Counting the items of each version folder, as Nautilus does, lists them: that is
+tests/test_file_manager_apps.py, with the real programs.)
 
 A file manager that opens `artifacts/` or an artifact's folder stats every entry (following
 `current`), checks access, reads the link target, asks for extended attributes, looks for

@@ -11,7 +11,7 @@ import os
 import stat
 import subprocess
 import tarfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,46 +135,90 @@ class Harness:
                 parts = [p for p in target.split("/") if p] + parts
         return await self.lookup("/".join(done))
 
-    async def listdir(self, path: str) -> dict[str, pyfuse3.EntryAttributes]:
-        inode = (await self.resolve(path)).st_ino
-        fh = await self.ops.opendir(inode)
+    async def opendir(self, inode: int) -> int | None:
+        """The handle readdir gets, as the kernel does it: after ENOSYS, none (the inode)."""
+        try:
+            return await self.ops.opendir(inode)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            return None
+
+    async def listdir(self, path: str, batch: int | None = None, with_dots: bool = False
+                      ) -> dict[str, pyfuse3.EntryAttributes]:
+        """The entries of a folder; `batch` entries per readdir call (default: all in one)."""
+        return await self.list_inode((await self.resolve(path)).st_ino, batch, with_dots)
+
+    async def list_inode(self, inode: int, batch: int | None = None, with_dots: bool = False
+                         ) -> dict[str, pyfuse3.EntryAttributes]:
+        fh = await self.opendir(inode)
         entries: dict[str, pyfuse3.EntryAttributes] = {}
         original = pyfuse3.readdir_reply
+        per_call = batch or 1 << 30
+        room, start = 0, 0
 
         def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+            nonlocal room, start
+            if room == 0:  # the kernel's buffer is full
+                return False
+            room -= 1
             entries[os.fsdecode(name)] = copy.copy(attrs)  # libfuse copies them at once
+            start = next_id
             return True
 
         pyfuse3.readdir_reply = reply  # type: ignore[assignment]
         try:
-            await self.ops.readdir(fh, 0, None)
+            while room == 0:  # until a call leaves room: the end of the folder
+                room = per_call
+                await self.ops.readdir(inode if fh is None else fh, start, None)
         finally:
             pyfuse3.readdir_reply = original  # type: ignore[assignment]
-            await self.ops.releasedir(fh)
+            if fh is not None:
+                await self.ops.releasedir(fh)
+        if not with_dots:
+            entries.pop(".", None)
+            entries.pop("..", None)
         return entries
 
     async def read(self, path: str, chunk: int = 128 * 1024) -> bytes:
         attrs = await self.resolve(path)
-        info = await self.ops.open(attrs.st_ino, os.O_RDONLY)
+        try:
+            fh: int | None = (await self.ops.open(attrs.st_ino, os.O_RDONLY)).fh
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            fh = None  # stateless: reads get the inode
         out = bytearray()
         try:
             while True:
-                data = await self.ops.read(info.fh, len(out), chunk)
+                data = await self.ops.read(attrs.st_ino if fh is None else fh, len(out), chunk)
                 if not data:
                     return bytes(out)
                 out += data
         finally:
-            await self.ops.release(info.fh)
+            if fh is not None:
+                await self.ops.release(fh)
+
+
+@pytest.fixture(autouse=True, params=["stateless", "classic"])
+def open_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs in both ways of serving opens."""
+    global STATELESS
+    STATELESS = request.param == "stateless"
+    yield request.param
+
+
+STATELESS = True
 
 
 def run(tmp_path: Path, client: FakeClient, test: Callable[[Harness], Awaitable[None]],
-        cache_size: int | None = None, ttl: float = TTL) -> None:
+        cache_size: int | None = None, ttl: float = TTL, recently_read: float = 0.0) -> None:
     async def main() -> None:
         cache = Cache(tmp_path / "cache", cache_size)
         store = VersionStore(cache, client, InodeTable(pyfuse3.ROOT_INODE + 1),
-                             retry_failed_after=0)
+                             retry_failed_after=0, recently_read=recently_read)
         listings = Listings(client, ttl, tmp_path / "listings", offline_backoff=0)
-        ops = Operations(listings, store, cache, metadata_ttl=ttl)
+        ops = Operations(listings, store, cache, metadata_ttl=ttl, stateless=STATELESS)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             with trio.fail_after(30):
@@ -405,7 +449,8 @@ def test_read_only(tmp_path: Path) -> None:
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await h.ops.open(f.st_ino, flags)
-            assert fuse_errno(excinfo) == errno.EROFS
+            # Stateless: no opens at all; the kernel refuses writes on the read-only mount.
+            assert fuse_errno(excinfo) == (errno.ENOSYS if h.ops.stateless else errno.EROFS)
         for call in (h.ops.mkdir(1, b"x", 0o755, None), h.ops.unlink(1, b"x", None),
                      h.ops.setattr(f.st_ino, None, None, None, None)):
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
@@ -544,7 +589,8 @@ def test_unmount_during_a_download_ends_promptly(tmp_path: Path) -> None:
     async def main() -> None:
         cache = Cache(tmp_path / "cache")
         store = VersionStore(cache, client, InodeTable(pyfuse3.ROOT_INODE + 1))
-        ops = Operations(Listings(client, TTL), store, cache, metadata_ttl=TTL)
+        ops = Operations(Listings(client, TTL), store, cache, metadata_ttl=TTL,
+                         stateless=STATELESS)
         with trio.fail_after(10):  # the parser thread must not keep the nursery open
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
@@ -581,6 +627,101 @@ def test_names_longer_than_name_max_are_left_out(tmp_path: Path) -> None:
     run(tmp_path, client, test)
 
 
+def test_readdir_in_several_calls_lists_each_entry_once_with_dot_entries(tmp_path: Path) -> None:
+    client = FakeClient()
+    files: dict[str, bytes | str] = {f"d/f{i:03}": b"x" for i in range(50)}
+    client.add("a1", "many", [tar_gz(files)])
+
+    async def test(h: Harness) -> None:
+        whole = await h.listdir("artifacts/many/current/d", with_dots=True)
+        assert list(whole)[:2] == [".", ".."]
+        assert whole["."].st_ino == (await h.resolve("artifacts/many/current/d")).st_ino
+        assert whole[".."].st_ino == (await h.resolve("artifacts/many/current")).st_ino
+        batched = await h.listdir("artifacts/many/current/d", batch=7, with_dots=True)
+        assert list(batched) == list(whole)
+        root = await h.listdir("", with_dots=True)
+        assert {".", "..", "artifacts", ".vm0fs"} <= set(root)
+
+    run(tmp_path, client, test)
+
+
+def test_control_files_change_size_and_mtime_with_their_content(tmp_path: Path) -> None:
+    """Stateless opens: the kernel keeps a file's pages until its size or mtime changes."""
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        before = await h.resolve(".vm0fs/status.json")
+        assert before.st_mtime_ns > 10**18  # not 1970
+        again = await h.ops.getattr(before.st_ino)
+        assert (again.st_size, again.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        await h.read("artifacts/run/current/README.md")  # a download: the status changes
+        while any(state.loading for state in h.store.states.values()):
+            await trio.sleep(0.01)
+        after = await h.ops.getattr(before.st_ino)
+        assert after.st_mtime_ns > before.st_mtime_ns
+        if h.ops.stateless:  # a read answers with the content its size was told with
+            data = bytes(await h.ops.read(before.st_ino, 0, 1 << 20))
+            assert len(data) == after.st_size
+        data = await h.read(".vm0fs/status.json")
+        assert json.loads(data)["downloads_total"] == 1
+        assert json.loads(data)["open_mode"].startswith(
+            "stateless" if h.ops.stateless else "classic")
+
+    run(tmp_path, client, test)
+
+
+def test_changed_listings_get_a_new_mtime_and_are_invalidated(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        top = await h.resolve("artifacts")
+        folder = await h.resolve("artifacts/run")
+        await h.listdir("artifacts")
+        await h.listdir("artifacts/run")
+        same = await h.ops.getattr(top.st_ino)
+        assert same.st_mtime_ns == (await h.ops.getattr(top.st_ino)).st_mtime_ns
+        assert not h.ops._stale_listings  # nothing changed: the kernel keeps its copy
+        before = (await h.ops.getattr(folder.st_ino)).st_mtime_ns
+        client.add("a2", "new", [SIMPLE])  # a new artifact
+        client.versions["a1"].append(version("f" * 64, "a1"))  # and a new version of "run"
+        # The kernel asks for the attributes before it uses a listing it cached.
+        assert (await h.ops.getattr(top.st_ino)).st_mtime_ns > same.st_mtime_ns
+        assert (await h.ops.getattr(folder.st_ino)).st_mtime_ns > before
+        assert "new" in await h.listdir("artifacts")
+        assert "f" * 64 in await h.listdir("artifacts/run")
+        expected = {top.st_ino, folder.st_ino} if h.ops.stateless else set()
+        assert h.ops._stale_listings == expected
+
+    run(tmp_path, client, test, ttl=0)
+
+
+def test_a_version_read_recently_is_not_evicted_and_a_read_brings_data_back(
+        tmp_path: Path) -> None:
+    client = FakeClient()
+    one = {f"f{i}": os.urandom(60_000) for i in range(2)}
+    client.add("a1", "one", [tar_gz(one)])
+    client.add("a2", "two", [tar_gz({"g": os.urandom(100_000)})])
+
+    async def test(h: Harness) -> None:
+        assert await h.read("artifacts/one/current/f0") == one["f0"]
+        await h.listdir("artifacts/one/current")  # complete and published
+        await h.read("artifacts/two/current/g")
+        await h.listdir("artifacts/two/current")
+        await h.store.enforce_cache_size()
+        cached = {e[0] for e in h.store.cache.entries()}
+        assert len(cached) == 2, "both were read just now: kept over the cap"
+        for state in h.store.states.values():
+            state.last_read -= 3600  # an hour later
+        await h.store.enforce_cache_size()
+        assert h.store.cache.usage() <= 150_000
+        assert await h.read("artifacts/one/current/f1") == one["f1"]  # fetched again if gone
+        assert await h.read("artifacts/two/current/g")
+
+    run(tmp_path, client, test, cache_size=150_000, recently_read=600)
+
+
 # --- memory: indexes dropped and found again ---------------------------------------------------
 
 NESTED = tar_gz([("top.txt", b"top\n"), ("d/", b""), ("d/e/f.txt", b"deep file\n"),
@@ -588,29 +729,21 @@ NESTED = tar_gz([("top.txt", b"top\n"), ("d/", b""), ("d/e/f.txt", b"deep file\n
 
 
 async def read_inode(h: Harness, inode: int) -> bytes:
-    info = await h.ops.open(inode, os.O_RDONLY)
     try:
-        return bytes(await h.ops.read(info.fh, 0, 1 << 20))
+        fh: int | None = (await h.ops.open(inode, os.O_RDONLY)).fh
+    except pyfuse3.FUSEError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        fh = None  # stateless: reads get the inode
+    try:
+        return bytes(await h.ops.read(inode if fh is None else fh, 0, 1 << 20))
     finally:
-        await h.ops.release(info.fh)
+        if fh is not None:
+            await h.ops.release(fh)
 
 
 async def list_inode(h: Harness, inode: int) -> dict[str, int]:
-    fh = await h.ops.opendir(inode)
-    entries: dict[str, int] = {}
-    original = pyfuse3.readdir_reply
-
-    def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
-        entries[os.fsdecode(name)] = attrs.st_ino
-        return True
-
-    pyfuse3.readdir_reply = reply  # type: ignore[assignment]
-    try:
-        await h.ops.readdir(fh, 0, None)
-    finally:
-        pyfuse3.readdir_reply = original  # type: ignore[assignment]
-        await h.ops.releasedir(fh)
-    return entries
+    return {name: attrs.st_ino for name, attrs in (await h.list_inode(inode)).items()}
 
 
 def test_inodes_the_kernel_holds_answer_after_the_index_is_dropped(tmp_path: Path) -> None:
@@ -748,26 +881,34 @@ def test_a_listing_goes_on_after_the_index_is_dropped(tmp_path: Path) -> None:
         await h.lookup(f"artifacts/run/{vid}/f000")
         (state,) = h.store.states.values()
         await state.wait_tree()
-        fh = await h.ops.opendir(folder.st_ino)
+        fh = await h.opendir(folder.st_ino)
         got: list[tuple[str, int]] = []
         original = pyfuse3.readdir_reply
+        room, start = 0, 0
 
         def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+            nonlocal room, start
+            if room == 0:  # the kernel's buffer is full
+                return False
+            room -= 1
             got.append((os.fsdecode(name), attrs.st_ino))
-            return len(got) % 20 != 0  # the kernel's buffer is full every 20 entries
+            start = next_id
+            return True
 
         pyfuse3.readdir_reply = reply  # type: ignore[assignment]
         try:
-            while len(got) < 50:
-                before = len(got)
-                h.store.drop(state)
-                await h.ops.readdir(fh, len(got), None)
-                assert len(got) > before
+            while room == 0:
+                room = 7
+                h.store.drop(state)  # between the calls of one listing
+                await h.ops.readdir(folder.st_ino if fh is None else fh, start, None)
         finally:
             pyfuse3.readdir_reply = original  # type: ignore[assignment]
-            await h.ops.releasedir(fh)
+            if fh is not None:
+                await h.ops.releasedir(fh)
+        assert [name for name, _ in got[:2]] == [".", ".."]
+        got = got[2:]
         names = [name for name, _ in got]
-        assert sorted(set(names)) == [f"f{i:03}" for i in range(50)]
+        assert names == [f"f{i:03}" for i in range(50)]  # each once, in name order
         inodes = dict(got)
         for name, inode in inodes.items():
             assert (await h.lookup(f"artifacts/run/{vid}/{name}")).st_ino == inode

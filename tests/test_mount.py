@@ -43,7 +43,7 @@ from mounting import (
 )
 
 pytest_plugins = ["mounting"]
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fallback]
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
 N_BULK = 125  # artifacts beyond the cases: more than one page of 100

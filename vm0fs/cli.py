@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long listings are cached (default: 60)")
     mount.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
                        help="cap the cache, e.g. 10G (default: no cap)")
+    mount.add_argument("--cache-grace", type=float, default=None, metavar="SECONDS",
+                       help="a version read in the last SECONDS is not evicted by the cap "
+                            "(default: 300)")
     mount.add_argument("--max-version-size", type=parse_size, default=None, metavar="SIZE",
                        help="refuse versions that expand past SIZE (default: the cache cap "
                             "and the free disk space)")
@@ -173,6 +176,8 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
         fuse_options=args.options,
         xattrs=args.xattrs,
     )
+    if args.cache_grace is not None:
+        config.cache_grace = args.cache_grace
     if not args.foreground:
         try:
             check_mountpoint(config.mountpoint)
@@ -251,6 +256,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
     if args.api_url:
         argv += ["--api-url", args.api_url]
     for flag, value in (("--cache-size", args.cache_size),
+                        ("--cache-grace", args.cache_grace),
                         ("--max-version-size", args.max_version_size)):
         if value is not None:
             argv += [flag, str(value)]

@@ -161,6 +161,10 @@ def prefetch_in_mount(path: Path) -> int:
 
     def list_all() -> None:  # listing a version waits until it is all there
         try:
+            # A lookup inside first: that asks for the version as a use, so its download does
+            # not queue behind downloads that only listings asked for (versions.py).
+            with contextlib.suppress(FileNotFoundError):
+                os.lstat(folder / CONTROL_DIR)
             os.listdir(folder)
             outcome["error"] = None
         except OSError as exc:

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import logging
+import textwrap
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +73,7 @@ def status_text(status: dict[str, Any]) -> str:
         + ("  (unreachable: serving the last known listings)" if status["offline"] else ""),
         f"mounted at:     {status['mountpoint']}",
         f"mounted since:  {status['mounted_since']}",
+        f"opens:          {status['open_mode']}",
         f"cache:          {cache['dir']}",
         f"cache use:      {human(cache['bytes'])} of {human(cache['cap'])}, "
         f"{cache['versions']} version(s) cached",
@@ -87,6 +89,16 @@ def status_text(status: dict[str, Any]) -> str:
         total = f" of {human(d['bytes_total'])}" if d["bytes_total"] else ""
         lines.append(f"  {d['artifact']}/{d['version_id'][:12]}: {human(d['bytes_done'])}{total}"
                      f" ({human(d['bytes_received'])} received)")
+    listing = status["listing_only_downloads"]
+    if listing["total"]:
+        lines.append(f"listing-only:   {listing['total']} download(s) asked for by folder "
+                     f"listings alone ({listing['at_once']} at a time, {listing['queued']} "
+                     "queued)")
+    notice = status["notice"]
+    if notice:
+        lines += textwrap.wrap(f"{iso(notice['time'])} {notice['summary']}", width=100,
+                               initial_indent="notice:         ", subsequent_indent=" " * 16)
+        lines += [" " * 16 + "To stop it in GNOME:", " " * 18 + notice["fix"]]
     errors = status["last_errors"]
     lines.append(f"last errors:    {len(errors) or 'none'}")
     lines += [f"  {e['time']} {e['level']}: {e['message']}" for e in errors[-10:]]

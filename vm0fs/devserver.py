@@ -48,7 +48,8 @@ Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_de
 
 The Nth-request counter restarts whenever faults are posted or stats are reset.
 
-Control routes (API origin, no auth): GET /_dev/stats, POST /_dev/reset (zero the stats),
+Control routes (API origin, no auth): GET /_dev/stats (request counts, blob bytes sent, and
+blob_peak: the most blob bodies sent at once), POST /_dev/reset (zero the stats),
 GET /_dev/faults, POST /_dev/faults (JSON object merged into the current faults).
 """
 
@@ -470,6 +471,8 @@ class State:
         self._api_seq = 0
         self._requests = dict.fromkeys(_STAT_ROUTES, 0)
         self._blob_bytes = 0
+        self._blob_sending = 0  # blob bodies being sent right now
+        self._blob_peak = 0  # the most at once since the last reset
 
     def update_faults(self, patch: dict[str, Any]) -> dict[str, int | float | bool]:
         clean: dict[str, int | float | bool] = {}
@@ -530,14 +533,21 @@ class State:
         with self._lock:
             self._blob_bytes += n
 
+    def sending_blob(self, delta: int) -> None:
+        with self._lock:
+            self._blob_sending += delta
+            self._blob_peak = max(self._blob_peak, self._blob_sending)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": dict(self._requests), "blob_bytes": self._blob_bytes}
+            return {"requests": dict(self._requests), "blob_bytes": self._blob_bytes,
+                    "blob_peak": self._blob_peak}
 
     def reset(self) -> None:
         with self._lock:
             self._requests = dict.fromkeys(_STAT_ROUTES, 0)
             self._blob_bytes = 0
+            self._blob_peak = self._blob_sending
             self._api_seq = 0
 
     def sleep_latency(self) -> None:
@@ -902,6 +912,14 @@ class BlobHandler(BaseHandler):
         # Small chunks under a bandwidth cap keep the pacing smooth (about 10 writes a second).
         chunk = min(CHUNK, max(1, bandwidth // 10)) if bandwidth > 0 else CHUNK
         f.seek(start)
+        state.sending_blob(1)
+        try:
+            self._send_body(f, budget, chunk, bandwidth)
+        finally:
+            state.sending_blob(-1)
+
+    def _send_body(self, f: BinaryIO, budget: int, chunk: int, bandwidth: int) -> None:
+        state = self.app.state
         sent = 0
         began = time.monotonic()
         while sent < budget:

@@ -7,6 +7,14 @@
     /artifacts/<name>/<version>/... the archive's contents (downloaded on first look inside)
 
 Every handler maps every failure to an errno: an exception that escaped would kill the mount.
+
+Two ways to serve opens:
+- stateless (the default when the running pyfuse3 has `NO_OPEN_SUPPORT`, see patches/): `open`
+  and `opendir` answer ENOSYS, so the kernel sends no more OPEN/RELEASE (OPENDIR/RELEASEDIR),
+  keeps file pages across opens and caches directory listings itself; `read` and `readdir` are
+  then handed the inode in place of a file handle. What changes is told to the kernel: a new
+  mtime and size for control files, `invalidate_inode` for a listing folder whose entries changed.
+- classic (stock pyfuse3): a handle per open file and folder, as any pyfuse3 filesystem.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import cachetools
 import pyfuse3
 import trio
 
@@ -58,6 +67,16 @@ BLOCK_SIZE = 128 * 1024
 HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 READAHEAD = 8 << 20  # bytes to prefetch after a read that had to wait for the disk
 READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big get prefetched when opened
+NO_OPENDIR_KERNEL = (5, 1)  # first Linux release that honours ENOSYS from OPENDIR (OPEN: 4.19)
+LISTING_SNAPSHOTS = 16  # folders whose readdir entries are kept between calls (stateless mode)
+
+
+def stateless_supported() -> bool:
+    """Whether this pyfuse3 and this kernel can serve opens without OPEN requests."""
+    if not getattr(pyfuse3, "NO_OPEN_SUPPORT", False):
+        return False
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return release is not None and (int(release[1]), int(release[2])) >= NO_OPENDIR_KERNEL
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -171,8 +190,12 @@ class Generated(Node):
         self.content = b""
 
     async def refresh(self) -> bytes:
-        self.content = await self.render()
-        self.size = len(self.content)
+        content = await self.render()
+        if content != self.content or not self.mtime_ns:
+            self.content = content
+            self.size = len(content)
+            # A new mtime makes the kernel drop the pages it cached of the old content.
+            self.mtime_ns = max(time.time_ns(), self.mtime_ns + 1)
         return self.content
 
 
@@ -196,8 +219,10 @@ class Operations(pyfuse3.Operations):
     def __init__(self, listings: Listings, store: VersionStore, cache: Cache, *,
                  metadata_ttl: float, uid: int | None = None, gid: int | None = None,
                  api_url: str = "", mountpoint: str = "", xattrs: bool = False,
-                 recent_errors: RecentErrors | None = None) -> None:
+                 recent_errors: RecentErrors | None = None, stateless: bool | None = None
+                 ) -> None:
         super().__init__()
+        self.stateless = stateless_supported() if stateless is None else stateless
         self.api_url = api_url
         self.mountpoint = mountpoint
         self.xattrs = xattrs
@@ -218,8 +243,43 @@ class Operations(pyfuse3.Operations):
         self.root.children[CONTROL_DIR] = self._control_dir()
         self._artifact_dirs: dict[str, ArtifactDir] = {}
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
+        # Stateless mode: readdir entries of recently listed folders, so that the calls of
+        # one listing see one snapshot; and listing folders whose cached listing must go.
+        self._snapshots: cachetools.LRUCache[int, list[tuple[bytes, Node]]] = (
+            cachetools.LRUCache(LISTING_SNAPSHOTS))
+        self._stale_listings: set[int] = set()
+        self._listings_changed = trio.Event()
+        store.bursts.name_of = self._folder_name
+
+    @property
+    def open_mode(self) -> str:
+        return "stateless (no open requests)" if self.stateless else "classic (open handles)"
+
+    def init(self) -> None:
+        log.info("serving opens in %s mode", self.open_mode)
+
+    async def invalidate_listings(self) -> None:
+        """Tell the kernel to drop its cached listing of folders whose entries changed.
+
+        Runs as its own task: `invalidate_inode` must not be called from a request handler."""
+        while True:
+            await self._listings_changed.wait()
+            self._listings_changed = trio.Event()
+            inodes, self._stale_listings = self._stale_listings, set()
+            for inode in inodes:
+                log.debug("listing of inode %d changed: dropping the kernel's copy", inode)
+                with contextlib.suppress(OSError):  # ENOENT: the kernel did not know it
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+
+    def _listing_changed(self, folder: Dir, mtime_ns: int) -> None:
+        """`folder` now has other entries: a later mtime, and the kernel's copy goes."""
+        folder.mtime_ns = max(mtime_ns, folder.mtime_ns + 1)
+        folder.attrs = None
+        if self.stateless:
+            self._stale_listings.add(folder.inode)
+            self._listings_changed.set()
 
     def _control_dir(self) -> Dir:
         control = Dir(self.table.new_inode(), 0o555, self.root.mtime_ns, self.root)
@@ -238,6 +298,12 @@ class Operations(pyfuse3.Operations):
         control.children["info"] = self.table.register(self.info_dir)
         return control
 
+    def _folder_name(self, artifact_id: str) -> str:
+        for name, node in self.artifacts_dir.children.items():
+            if isinstance(node, ArtifactDir) and node.artifact.id == artifact_id:
+                return name
+        return artifact_id
+
     async def status(self) -> dict[str, Any]:
         """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
         entries = await trio.to_thread.run_sync(self.cache.entries)
@@ -254,11 +320,16 @@ class Operations(pyfuse3.Operations):
             "mountpoint": self.mountpoint,
             "mounted_since": iso(self.mounted_at),
             "offline": self.listings.stale,
+            "open_mode": self.open_mode,
             "cache": {"dir": str(self.cache.root), "bytes": sum(e[1] for e in entries),
                       "cap": self.cache.max_bytes, "versions": len(entries)},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
             "memory": {**process_memory(), **self.store.memory()},
+            "listing_only_downloads": {"total": self.store.listing_only,
+                                       "queued": self.store.listing_queue,
+                                       "at_once": self.store.listing_slots},
+            "notice": self.store.bursts.notice,
             "last_errors": list(self.recent_errors.records),
         }
 
@@ -339,6 +410,8 @@ class Operations(pyfuse3.Operations):
                 node.listing = None  # a new current version may have come: list versions again
             node.attrs = None
             children[name] = node
+        if children != folder.children and folder.listing is not None:
+            self._listing_changed(folder, time.time_ns())
         folder.children = children
         folder.listing = listing
         folder.attrs = None
@@ -360,6 +433,8 @@ class Operations(pyfuse3.Operations):
             elif folder.current.target != current_id:
                 folder.current.target = current_id
             children["current"] = folder.current
+        if children != folder.children and folder.listing is not None:
+            self._listing_changed(folder, ns(folder.artifact.updated_at))
         folder.children = children
         folder.listing = listing
         folder.aliases = {p: a for p, a in folder.aliases.items() if a.target in children}
@@ -391,17 +466,18 @@ class Operations(pyfuse3.Operations):
         folder.aliases[name] = alias
         return alias
 
-    def _state(self, folder: VersionDir) -> VersionState:
+    def _state(self, folder: VersionDir, use: bool = False) -> VersionState:
+        """`use`: a name inside was looked up (not just the folder listed): see versions.py."""
         state = self.store.get(folder.artifact_id, folder.version.id, folder,
                                ns(folder.version.created_at), folder.version.file_count,
-                               folder.version.size)
+                               folder.version.size, use=use)
         if state is not folder.state:
             folder.state = state
             folder.attrs = None
         return state
 
-    async def _children(self, node: Node) -> dict[str, Node] | ContentListing:
-        """The entries of a folder, fetching what they depend on."""
+    async def _children(self, node: Node) -> dict[str, Node]:
+        """The entries of a folder above the versions, fetching what they depend on."""
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if node is self.artifacts_dir:
@@ -409,13 +485,15 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, ArtifactDir):
             await self._refresh_artifacts()
             await self._refresh_versions(node)
-        elif isinstance(node, (VersionDir, ContentDir)):
-            state = self._state(node) if isinstance(node, VersionDir) else self._live(node.owner)
-            await state.wait_tree()
-            assert isinstance(state.index, TreeIndex)
-            entry = node.entry if isinstance(node, ContentDir) else ROOT_ENTRY
-            return ContentListing(state, state.index, entry)
         return node.children
+
+    async def _content_listing(self, node: VersionDir | ContentDir) -> ContentListing:
+        """A folder inside a version, to list: waits for the version's whole tree."""
+        state = self._state(node) if isinstance(node, VersionDir) else self._live(node.owner)
+        await state.wait_tree()
+        assert isinstance(state.index, TreeIndex)
+        entry = node.entry if isinstance(node, ContentDir) else ROOT_ENTRY
+        return ContentListing(state, state.index, entry, node)
 
     def _live(self, state: VersionState) -> VersionState:
         """The current state of a version (a failed one is replaced), its index loading."""
@@ -470,6 +548,7 @@ class Operations(pyfuse3.Operations):
         node = await self._find(parent, text)
         if node is None:
             return self._negative(self._negative_timeout(parent))
+        await self._refresh_listing_of(node)
         return self._entry(node)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -515,8 +594,8 @@ class Operations(pyfuse3.Operations):
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
         if isinstance(parent, (VersionDir, ContentDir)):
-            state = self._state(parent) if isinstance(parent, VersionDir) else self._live(
-                parent.owner)
+            state = (self._state(parent, use=True) if isinstance(parent, VersionDir)
+                     else self._live(parent.owner))
             folder = parent.entry if isinstance(parent, ContentDir) else ROOT_ENTRY
             index = state.index
             if index is not None and index.complete:
@@ -541,13 +620,25 @@ class Operations(pyfuse3.Operations):
         node = self._node_now(inode) or await self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
-        elif isinstance(node, ArtifactDir) and node.attrs is None:
-            # A stat after the TTL refreshes the artifact (its mtime is updated_at).
-            try:
-                await self._refresh_artifacts()
-            except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here
-                log.debug("getattr refresh failed: %s", exc)
+        else:
+            await self._refresh_listing_of(node)
         return self.attributes(node)
+
+    async def _refresh_listing_of(self, node: Node) -> None:
+        """Before the attributes of a listing folder go to the kernel (getattr, lookup): its
+        listing as of now. The kernel reuses a listing it cached (stateless mode) for as long
+        as the folder's attributes are valid and its mtime is the same."""
+        if node is not self.artifacts_dir and not isinstance(node, ArtifactDir):
+            return
+        try:
+            await self._refresh_artifacts()
+            if isinstance(node, ArtifactDir) and node.listing is not None:
+                await self._refresh_versions(node)
+        except Unauthorized:
+            raise  # EACCES, as a listing gets: the kernel must not show what it cached
+        except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here
+            log.debug("listing refresh for the attributes of inode %d failed: %s",
+                      node.inode, exc)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -558,6 +649,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if self.stateless:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # no more OPENDIR: readdir gets the inode
         node = self._node_now(inode) or await self._node(inode)
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -565,30 +658,47 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if isinstance(handle, Node):  # first call: the entries of this folder
-            children = await self._children(handle)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("readdir inode %d: %d entries", handle.inode, len(children))
-            if isinstance(children, ContentListing):
-                handle = children  # entries of a version: read from its index as they go
-            else:
-                handle = [(os.fsencode(name), node) for name, node in children.items()]
-            self._handles[fh] = handle
-        if isinstance(handle, ContentListing):
-            self._send_content(handle, start_id, token)
-            return
-        for index, (name, node) in enumerate(handle[start_id:], start_id):
+        if self.stateless:
+            folder = self._node_now(fh) or await self._node(fh)
+            if isinstance(folder, (VersionDir, ContentDir)):
+                # A version's index never changes: offsets mean the same entry without a
+                # snapshot, even after the index was dropped and loaded again.
+                self._send_content(await self._content_listing(folder), start_id, token)
+                return
+            entries = await self._entries(folder, cached=start_id > 0)
+        else:
+            handle = self._handles.get(fh)
+            if handle is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if isinstance(handle, (VersionDir, ContentDir)):  # first call
+                handle = self._handles[fh] = await self._content_listing(handle)
+            if isinstance(handle, ContentListing):
+                self._send_content(handle, start_id, token)
+                return
+            if not isinstance(handle, list):  # first call: snapshot the entries
+                handle = self._handles[fh] = await self._entries(handle, cached=False)
+            entries = handle
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
             if not pyfuse3.readdir_reply(token, name, self.attributes(node), index + 1):
                 return
-            self._counted(node)
+            if index >= 2:  # the kernel takes no reference for '.' and '..'
+                node.lookups += 1
 
     def _send_content(self, listing: ContentListing, start: int, token: Any) -> None:
         """readdirplus of a folder in a version, straight from its index (no nodes: this is
         the hot path of find, ls -lR and du). The attributes are those `attributes` gives."""
-        state, index = listing.state, listing.index
+        state, index, folder = listing.state, listing.index, listing.folder
+        if start == 0 and not pyfuse3.readdir_reply(token, b".", self.attributes(folder), 1):
+            return
+        if start <= 1:
+            if isinstance(folder, ContentDir):  # from the listing's own index
+                parent = index.parent(listing.entry)
+                up: Node = state.node(parent, index) if parent != ROOT_ENTRY else state.root
+            else:
+                up = self._parent(folder)
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes(up), 2):
+                return
         state.last_used = time.monotonic()  # in use (the listing keeps its own index)
         # One object for all: readdir_reply copies the attributes into the reply at once.
         attrs = pyfuse3.EntryAttributes()
@@ -598,7 +708,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_gid = self.gid
         attrs.st_blksize = BLOCK_SIZE
         for i, (name, entry, mode, size, mtime_ns) in enumerate(
-                index.listing(listing.entry, start), start):
+                index.listing(listing.entry, max(start - 2, 0)), max(start, 2)):
             attrs.st_ino = state.base + entry
             attrs.st_mode = mode
             attrs.st_size = size
@@ -608,12 +718,35 @@ class Operations(pyfuse3.Operations):
                 return
             state.kernel_refs += 1
 
+    async def _entries(self, folder: Node, cached: bool) -> list[tuple[bytes, Node]]:
+        """The entries of a folder as readdir hands them out: '.', '..', then the children.
+
+        A listing answered in several calls keeps the snapshot its first call took (offsets
+        must keep meaning the same entry); a call from offset 0 starts a new one."""
+        if cached:
+            snapshot = self._snapshots.get(folder.inode)
+            if snapshot is not None:
+                return snapshot
+        children = await self._children(folder)
+        entries: list[tuple[bytes, Node]] = [(b".", folder),
+                                             (b"..", self._parent(folder))]  # type: ignore[arg-type]
+        entries += [(os.fsencode(name), node) for name, node in children.items()]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("readdir inode %d: %d entries", folder.inode, len(children))
+        if self.stateless:
+            self._snapshots[folder.inode] = entries
+        return entries
+
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if self.stateless:
+            # No more OPEN/RELEASE: the kernel keeps pages across opens and `read` gets the
+            # inode. The mount is read-only, so the kernel refuses writes itself.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node_now(inode) or await self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -628,34 +761,56 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno_for(state.error))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("open inode %d of version %s", inode, state.version_id[:12])
-        self.store.opened(node)
+        self.store.reading(state)
+        self._read_ahead(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
+
+    @staticmethod
+    def _read_ahead(node: File) -> None:
+        """Big files are mostly read through: start reading them off the disk now."""
+        state: VersionState = node.owner
         if node.size >= READAHEAD_MIN and state.data_ready and state.fd is not None:
-            # Big files are mostly read through: start reading them off the disk now.
             with contextlib.suppress(OSError):
                 os.posix_fadvise(state.fd, node.offset, min(node.size, READAHEAD_MAX),
                                  os.POSIX_FADV_WILLNEED)
-        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        node = self._handles.get(fh)
-        if isinstance(node, bytes):
+        node = (self._node_now(fh) or await self._node(fh)) if self.stateless else (
+            self._handles.get(fh))
+        if isinstance(node, bytes):  # classic mode: the snapshot a control file's open took
             return node[off:off + size]
+        if isinstance(node, Generated):  # stateless: the content its size was last told with
+            return node.content[off:off + size]
         if not isinstance(node, File):
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise pyfuse3.FUSEError(errno.EISDIR if isinstance(node, Dir) else errno.EBADF)
         end = min(off + size, node.size)
         if off >= end:
             return b""
+        state: VersionState = node.owner
+        if self.stateless:  # what `open` checks in the classic mode
+            if state.error is not None:
+                raise pyfuse3.FUSEError(errno_for(state.error))
+            if off == 0:
+                self._read_ahead(node)
+        self.store.reading(state)  # kept from eviction, and brought back if it was evicted
         if node.sparse is not None:
             return await self._read_sparse(node, off, end)
         return await self._read_range(node, node.offset + off, end - off)
 
     async def _read_range(self, node: File, start: int, length: int) -> bytes | memoryview:
         state: VersionState = node.owner
+        state.reads_in_flight += 1  # eviction must not close the descriptor under this read
+        try:
+            return await self._read_range_of(state, start, length)
+        finally:
+            state.reads_in_flight -= 1
+
+    @staticmethod
+    async def _read_range_of(state: VersionState, start: int, length: int
+                             ) -> bytes | memoryview:
         fd = state.fd
         if fd is None or not state.data_ready:
-            if fd is None:
-                self.store.ensure(state, data=True)  # evicted meanwhile: fetch it again
             fd = await state.wait_bytes(start + length)
         buf = bytearray(length)
         try:
@@ -684,9 +839,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        node = self._handles.pop(fh, None)
-        if isinstance(node, File):
-            self.store.released(node)
+        self._handles.pop(fh, None)
 
     @fuse_errors
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
@@ -757,12 +910,13 @@ class ContentListing:
     """A folder of a version being listed: its entries come from the index as they are sent
     (the index is kept even if the version drops it meanwhile: the numbers stay the same)."""
 
-    __slots__ = ("state", "index", "entry")
+    __slots__ = ("state", "index", "entry", "folder")
 
-    def __init__(self, state: VersionState, index: TreeIndex, entry: int) -> None:
+    def __init__(self, state: VersionState, index: TreeIndex, entry: int, folder: Dir) -> None:
         self.state = state
         self.index = index
         self.entry = entry
+        self.folder = folder  # its node, for '.' and '..'
 
     def __len__(self) -> int:
         return self.index.child_count(self.entry)

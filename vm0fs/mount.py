@@ -24,7 +24,7 @@ from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
 from vm0fs.tree import InodeTable
-from vm0fs.versions import VersionStore
+from vm0fs.versions import RECENTLY_READ, VersionStore
 
 log = logging.getLogger("vm0fs.mount")
 
@@ -39,6 +39,7 @@ class MountConfig:
     cache_dir: Path
     metadata_ttl: float = 60.0
     cache_size: int | None = None
+    cache_grace: float = RECENTLY_READ
     max_version_size: int | None = None
     allow_other: bool = False
     fuse_options: list[str] = field(default_factory=list)
@@ -121,7 +122,8 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                             cache.listings / listing_namespace(config.api_url, config.api_key))
         await _check_access(listings, config.api_url)
         table = InodeTable(pyfuse3.ROOT_INODE + 1)
-        store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size)
+        store = VersionStore(cache, client, table, max_version_bytes=config.max_version_size,
+                             recently_read=config.cache_grace)
         recent_errors = RecentErrors()
         logging.getLogger("vm0fs").addHandler(recent_errors)
         ops = Operations(listings, store, cache, metadata_ttl=config.metadata_ttl,
@@ -138,8 +140,10 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
+                if ops.stateless:
+                    nursery.start_soon(ops.invalidate_listings)
                 if cache.max_bytes is not None:
-                    nursery.start_soon(store.enforce_cache_size)
+                    nursery.start_soon(store.keep_cache_size)
                 ready()
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
                 nursery.cancel_scope.cancel()

@@ -5,6 +5,13 @@ A `VersionState` belongs to one version folder. Its `load` task fills the folder
 if the version is there, or else downloads it: the HTTP stream is inflated into a staging file
 by one worker thread while another reads tar headers from the same file and publishes members
 (see archive.py). Waiters sleep on a trio Event that is replaced at every step.
+
+Downloads are scheduled by who asked. A version only *listed* so far (its folder read with
+readdir, as a file manager does to count the items of every folder it shows) downloads through
+a queue, LISTING_DOWNLOADS at a time, newest request first. Naming a path inside a version
+(lookup) or reading a file of it is use: that download starts at once, and a queued one jumps
+the queue. A run of listing-only downloads of one artifact's versions is reported once (see
+ListingBurst): it is the signature of GNOME Files counting items on a "local" filesystem.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +33,6 @@ from vm0fs.fetch import Downloader, Fetch
 from vm0fs.tree import (
     ROOT_ENTRY,
     Dir,
-    File,
     InodeTable,
     Node,
     TreeBuilder,
@@ -46,6 +53,16 @@ TREE_GRACE = 5.0
 TREE_BUDGET = 16 << 20
 TRIM_INTERVAL = 5.0
 NODE_CACHE = 2048  # nodes of entries kept per version in memory
+# A version read this recently is never evicted by the cache cap. Eviction cannot count open
+# files (in the stateless mode there are no opens to count); a reader idle for longer finds
+# the data gone and its next read brings it back.
+RECENTLY_READ = 300.0
+TOUCH_INTERVAL = 60.0  # how often reads of one version update its last use in the cache
+CAP_CHECK_INTERVAL = 10.0  # seconds between two checks of the cache cap
+LISTING_DOWNLOADS = 1  # downloads that only listings asked for, at once; the rest queue
+BURST_VERSIONS = 3  # listing-only downloads of one artifact's versions in a row that we report
+BURST_GAP = 10.0  # seconds between one and the next (asked, or the last ended) to be "in a row"
+GNOME_SETTING = "gsettings set org.gnome.nautilus.preferences show-directory-item-counts 'never'"
 
 
 class VersionState:
@@ -67,12 +84,17 @@ class VersionState:
         self.error: BaseException | None = None
         self.failed_at = 0.0
         self.loading = False
-        self.open_handles = 0
+        self.last_read = -float("inf")  # monotonic time of the last read of its data
+        self.last_touch = -TOUCH_INTERVAL
+        self.reads_in_flight = 0
         self.kernel_refs = 0  # lookups of this version's entries the kernel has not forgotten
         self.last_used = time.monotonic()  # when a request last needed the index
         self.expected_size = 0  # the API's uncompressed size, for progress reports
         self.implied_mtime_ns = 0  # of folders the archive does not list: the version's date
         self.fetch: Fetch | None = None  # the download under way, if any
+        self.used = False  # a path inside was looked up or a file read: its loads go first
+        self.slot = False  # holds one of the listing-only download slots
+        self.turn: trio.Event | None = None  # set when a queued listing-only load may go
         self._changed = trio.Event()
         self._nodes: dict[int, Node] = {}
 
@@ -161,24 +183,86 @@ class VersionState:
         return self.fd
 
 
+class ListingBurst:
+    """Notices listing-only downloads of one artifact's versions in a row, none of them used,
+    and says once (in the log) what is going on and how to stop it; `notice` keeps the latest
+    such run for `vm0fs status`. Holds version ids only, never a version's state."""
+
+    def __init__(self, slots: int = LISTING_DOWNLOADS) -> None:
+        self.slots = slots
+        self.notice: dict[str, Any] | None = None
+        self.name_of: Callable[[str], str] = lambda artifact_id: artifact_id
+        # artifact id -> (when the run last moved, the versions in it)
+        self._runs: dict[str, tuple[float, list[str]]] = {}
+
+    def listed(self, artifact_id: str, version_id: str, now: float | None = None) -> None:
+        """A download that only a listing asked for is about to start (or queue)."""
+        now = time.monotonic() if now is None else now
+        last, run = self._runs.get(artifact_id, (0.0, []))
+        if now - last > BURST_GAP:
+            run = []
+        run.append(version_id)
+        self._runs[artifact_id] = (now, run)
+        if len(run) >= BURST_VERSIONS:
+            self._report(artifact_id, len(run))
+        if len(self._runs) > 64:  # forget runs that ended long ago
+            self._runs = {a: r for a, r in self._runs.items() if now - r[0] <= BURST_GAP}
+
+    def ended(self, artifact_id: str, version_id: str, now: float | None = None) -> None:
+        """A listing-only download ended: the next one in a row counts from here."""
+        entry = self._runs.get(artifact_id)
+        if entry is not None and version_id in entry[1]:
+            self._runs[artifact_id] = (time.monotonic() if now is None else now, entry[1])
+
+    def used(self, artifact_id: str, version_id: str) -> None:
+        """A version was looked into or read: its run is a person at work, not a count."""
+        entry = self._runs.get(artifact_id)
+        if entry is not None and version_id in entry[1]:
+            del self._runs[artifact_id]
+
+    def _report(self, artifact_id: str, count: int) -> None:
+        name = self.name_of(artifact_id)
+        summary = (
+            f"artifacts/{name}: {count} versions in a row were downloaded only to list their "
+            "folders, none read: what a file manager does when it counts the items of every "
+            "folder it shows (GNOME Files/Nautilus does on local disks, and FUSE mounts count "
+            f"as local). Such downloads run {self.slots} at a time; reads go first.")
+        message = f"{summary} To stop it in GNOME: {GNOME_SETTING}"
+        first = self.notice is None
+        self.notice = {"time": time.time(), "artifact": name, "artifact_id": artifact_id,
+                       "versions": count, "summary": summary, "fix": GNOME_SETTING,
+                       "message": message}
+        if first:
+            log.warning("%s", message)
+
+
 class VersionStore:
     """Starts and tracks the loads of versions; owns the worker tasks; lets go of the indexes
     of versions nobody uses (`trim`)."""
 
     def __init__(self, cache: Cache, client: Downloader, table: InodeTable, *,
                  max_version_bytes: int | None = None, retry_failed_after: float = 5.0,
-                 tree_budget: int = TREE_BUDGET, tree_idle: float = TREE_IDLE) -> None:
+                 recently_read: float = RECENTLY_READ,
+                 listing_downloads: int = LISTING_DOWNLOADS, tree_budget: int = TREE_BUDGET,
+                 tree_idle: float = TREE_IDLE) -> None:
         self.cache = cache
         self.client = client
         self.table = table
         self.max_version_bytes = max_version_bytes
         self.retry_failed_after = retry_failed_after
+        self.recently_read = recently_read
         self.tree_budget = tree_budget
         self.tree_idle = tree_idle
         self.states: dict[tuple[str, str], VersionState] = {}
         self._ordinals: dict[tuple[str, str], int] = {}  # each version's inode range, for good
         self._keys: list[tuple[str, str]] = []
         self.downloads = 0  # archives fetched over the network by this process
+        self._last_used: VersionState | None = None
+        self.listing_slots = listing_downloads
+        self.listing_only = 0  # of them, asked for by listings alone
+        self._listing_running = 0
+        self._queue: deque[VersionState] = deque()  # listing-only downloads waiting for a slot
+        self.bursts = ListingBurst(listing_downloads)
         self._nursery: trio.Nursery | None = None
         self.offline: Callable[[], bool] = lambda: False  # skip downloads while the API is down
 
@@ -192,13 +276,22 @@ class VersionStore:
                 self.trim()
 
     def get(self, artifact_id: str, version_id: str, root: Dir, created_ns: int,
-            file_count: int, size: int = 0) -> VersionState:
-        """The state of a version folder, starting its load if nothing usable is under way."""
+            file_count: int, size: int = 0, *, use: bool = False) -> VersionState:
+        """The state of a version folder, starting its load if its tree is not there.
+
+        `use`: a path inside was named (lookup), not just the folder listed; the load goes
+        first. A lookup the tree already answers (`ls -l` after a listing) is no use. The data
+        of a version whose tree is complete is fetched again only for a read (`reading`): a
+        listing or a lookup needs the tree alone."""
         key = (artifact_id, version_id)
         state = self.states.get(key)
         if state is not None:
             if state.error is None:
-                self.ensure(state)
+                if use and not state.tree_complete:  # a lookup that has to wait for it
+                    self._use(state)
+                elif state.turn is not None:
+                    self._ask_again(state)
+                self.ensure(state)  # its index, if it was dropped (not its data)
                 return state
             if time.monotonic() - state.failed_at < self.retry_failed_after:
                 return state  # failed moments ago: answer EIO again rather than hammer the API
@@ -209,9 +302,11 @@ class VersionStore:
         new = VersionState(artifact_id, version_id, root, version_base(ordinal))
         new.implied_mtime_ns = created_ns
         new.expected_size = size
+        new.used = use
         if state is not None:
             new.kernel_refs = state.kernel_refs  # the kernel's references outlive a failure
         self.states[key] = new
+        log.debug("version %s: asked for by a %s", version_id[:12], "lookup" if use else "listing")
         if file_count == 0:  # nothing to download: the service has no archive for it
             new.fd = -1
             new.index = build_index([], created_ns, 0)
@@ -253,6 +348,7 @@ class VersionStore:
         state.error = None
         state.progress = Progress()
         self.cache.touch(state.version_id)  # asked for now: that is when it was last used
+        state.last_touch = time.monotonic()
         self._nursery.start_soon(self._load, state, name=f"load {state.version_id[:12]}")
 
     async def _load(self, state: VersionState) -> None:
@@ -271,11 +367,17 @@ class VersionStore:
             elif self.offline():
                 raise Unavailable("the API is unreachable and this version is not cached")
             else:
+                if not state.used:
+                    self.bursts.listed(state.artifact_id, state.version_id)
+                    await self._listing_turn(state)
                 await self._download(state)
             state.tree_complete = True
         except Exception as exc:  # noqa: BLE001 - every failure becomes EIO for this version
             self._fail(state, exc)
         finally:
+            self._release_slot(state)
+            if not state.used:
+                self.bursts.ended(state.artifact_id, state.version_id)
             state.loading = False
             state.notify()
             if old_fd is not None and old_fd != state.fd:
@@ -293,6 +395,78 @@ class VersionStore:
         state.fd = None
         if state.index is not None and not state.index.complete:
             state.set_index(None)  # a partial tree: the next try builds it again
+
+    # -- who goes first ----------------------------------------------------------------------
+
+    async def _listing_turn(self, state: VersionState) -> None:
+        """Wait until this listing-only download may run: a slot is free, or a lookup or a read
+        of the version made it a use (then it runs at once, without a slot)."""
+        if state.used:
+            return
+        self.listing_only += 1
+        if self._listing_running < self.listing_slots and not self._queue:
+            self._take_slot(state)
+            return
+        turn = state.turn = trio.Event()
+        self._queue.append(state)
+        log.debug("version %s: listing-only download queued (%d waiting)",
+                  state.version_id[:12], len(self._queue))
+        try:
+            await turn.wait()
+        finally:
+            state.turn = None
+            if state in self._queue:  # cancelled while waiting
+                self._queue.remove(state)
+
+    def _take_slot(self, state: VersionState) -> None:
+        state.slot = True
+        self._listing_running += 1
+
+    def _release_slot(self, state: VersionState) -> None:
+        if state.slot:
+            state.slot = False
+            self._listing_running -= 1
+        while self._queue and self._listing_running < self.listing_slots:
+            following = self._queue.pop()  # the newest request: the likeliest to be a person
+            self._take_slot(following)
+            assert following.turn is not None
+            following.turn.set()
+
+    def _ask_again(self, state: VersionState) -> None:
+        """A queued version was listed again: it becomes the newest request."""
+        if state in self._queue and self._queue[-1] is not state:
+            self._queue.remove(state)
+            self._queue.append(state)
+
+    def _use(self, state: VersionState) -> None:
+        """A path inside the version was named or a file read: no more waiting for a slot."""
+        if state.used:
+            return
+        state.used = True
+        self.bursts.used(state.artifact_id, state.version_id)
+        if state.turn is not None and state in self._queue:
+            self._queue.remove(state)
+            state.turn.set()
+            log.debug("version %s: used; its download leaves the queue", state.version_id[:12])
+
+    def reading(self, state: VersionState) -> None:
+        """A file of this version is opened or read: its download goes first, it is kept from
+        eviction for a while, and data released to keep the cache under its cap comes back."""
+        self._use(state)
+        now = time.monotonic()
+        state.last_read = now
+        # Least recently *used* goes first: record a use when another version was used in
+        # between, and now and then (not at every read of a `grep -r`).
+        if state is not self._last_used or now - state.last_touch >= TOUCH_INTERVAL:
+            self._last_used = state
+            state.last_touch = now
+            self.cache.touch(state.version_id)
+        if state.fd is None:
+            self.ensure(state, data=True)  # its data was evicted: fetch it again
+
+    @property
+    def listing_queue(self) -> int:
+        return len(self._queue)
 
     async def _download(self, state: VersionState) -> None:
         self.downloads += 1
@@ -361,17 +535,15 @@ class VersionStore:
         return {"versions_known": len(self.states), "versions_in_memory": len(held),
                 "index_bytes": sum(i.nbytes for i in held)}
 
-    # -- open files and eviction -------------------------------------------------------
+    # -- reads and eviction -------------------------------------------------------------
 
-    def opened(self, node: File) -> None:
-        state: VersionState = node.owner
-        state.open_handles += 1
-        self.cache.touch(state.version_id)  # least recently *used* goes first
-        if state.fd is None:
-            self.ensure(state, data=True)  # its data was evicted: fetch it again
 
-    def released(self, node: File) -> None:
-        node.owner.open_handles -= 1
+    async def keep_cache_size(self) -> None:
+        """Check the cap now and then: versions kept over it because they were read recently
+        go once they have been idle long enough (and another process may share the cache)."""
+        while True:
+            await self.enforce_cache_size()
+            await trio.sleep(CAP_CHECK_INTERVAL)
 
     async def enforce_cache_size(self, incoming: int = 0) -> None:
         """Bring the cache under its cap, with room for `incoming` more bytes: idle versions
@@ -383,8 +555,9 @@ class VersionStore:
         if usage <= room:
             return
         busy = set()
+        recent = time.monotonic() - self.recently_read
         for state in self.states.values():
-            if state.loading or state.open_handles > 0:
+            if state.loading or state.reads_in_flight or state.last_read > recent:
                 busy.add(state.version_id)
             elif state.fd is not None and state.fd >= 0:
                 os.close(state.fd)  # drops our shared lock; the next open fetches it again
