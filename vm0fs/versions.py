@@ -111,10 +111,9 @@ class VersionState:
             raise self.error
 
     def _check_loading(self) -> None:
-        """Before waiting for the index: fail if it cannot come (see VersionStore.ensure)."""
+        """Before waiting for the index. Whoever waits has had VersionStore.ensure start its
+        load; a load cancelled by an unmount leaves the waiters to be cancelled too."""
         self._raise_if_failed()
-        if self.index is None and not self.loading:
-            raise Vm0fsError("version contents are not loaded")
 
     def node(self, entry: int, index: TreeIndex | TreeBuilder | None = None) -> Node:
         """The node of an entry of the loaded index, or of `index` (a listing keeps the one it
