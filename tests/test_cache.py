@@ -9,12 +9,20 @@ from pathlib import Path
 
 from vm0fs.archive import FILE, Member
 from vm0fs.cache import Cache
+from vm0fs.tree import TreeBuilder
+
+
+def builder(*members: Member) -> TreeBuilder:
+    index = TreeBuilder(0)
+    for member in members:
+        index.add(member)
+    return index
 
 
 def publish(cache: Cache, version_id: str, data: bytes) -> None:
     staging = cache.stage(version_id)
     os.write(staging.fd, data)
-    entry = cache.publish(staging, [Member("f", FILE, 0o644, 0, len(data), 0)])
+    entry = cache.publish(staging, builder(Member("f", FILE, 0o644, 0, len(data), 0)))
     os.close(entry.fd)
 
 
@@ -25,7 +33,9 @@ def test_publish_then_open(tmp_path: Path) -> None:
     entry = cache.open_entry("v1")
     assert entry is not None
     assert os.pread(entry.fd, 5, 0) == b"hello"
-    assert entry.members == [Member("f", FILE, 0o644, 0, 5, 0)]
+    f = entry.index.find(0, "f")
+    assert f is not None and entry.index.size(f) == 5 and entry.index.mode(f) == 0o100644
+    assert entry.index.tar_size == 5
     os.close(entry.fd)
     assert list(cache.staging.iterdir()) == []
 
@@ -43,7 +53,7 @@ def test_second_publisher_of_the_same_version_uses_the_first(tmp_path: Path) -> 
     first, second = cache.stage("v1"), cache.stage("v1")
     for staging in (first, second):
         os.write(staging.fd, b"same bytes")
-    members = [Member("f", FILE, 0o644, 0, 10, 0)]
+    members = builder(Member("f", FILE, 0o644, 0, 10, 0))
     os.close(cache.publish(first, members).fd)
     entry = cache.publish(second, members)
     assert entry.fd != second.fd
@@ -62,8 +72,19 @@ def test_damaged_entry_is_removed(tmp_path: Path) -> None:
     assert cache.open_entry("v1") is None
     assert not (cache.versions / "v1").exists()
     publish(cache, "v2", b"x")
-    (cache.versions / "v2" / "index.json").write_text("{not json")
+    (cache.versions / "v2" / "index.bin").write_bytes(b"not an index")
     assert cache.open_entry("v2") is None
+    assert not (cache.versions / "v2").exists()
+
+
+def test_entry_of_an_older_vm0fs_is_fetched_again(tmp_path: Path) -> None:
+    """index.json (before the binary index): the entry goes, so that it is downloaded again."""
+    cache = Cache(tmp_path / "c")
+    publish(cache, "v1", b"hello")
+    folder = cache.versions / "v1"
+    (folder / "index.bin").rename(folder / "index.json")
+    assert cache.open_entry("v1") is None
+    assert not folder.exists()
 
 
 def test_leftovers_of_dead_writers_are_cleaned(tmp_path: Path) -> None:

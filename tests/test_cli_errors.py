@@ -26,6 +26,7 @@ from mounting import CLI, REPO, MountFactory, _die_with_parent, bounded, is_moun
 
 from vm0fs.cache import MARKER, Cache
 from vm0fs.mount import MountConfig, mount_failure
+from vm0fs.tree import TreeBuilder
 
 pytest_plugins = ["mounting"]
 pytestmark = pytest.mark.timeout(180)
@@ -227,7 +228,7 @@ def test_inside_a_cache_only_what_vm0fs_writes_is_touched(tmp_path: Path) -> Non
     cache = Cache(tmp_path / "cache")
     staging = cache.stage(VID)
     os.write(staging.fd, bytes(100))
-    os.close(cache.publish(staging, []).fd)
+    os.close(cache.publish(staging, TreeBuilder(0)).fd)
     odd = [cache.versions / "not-an-entry", cache.staging / "draft", cache.listings / "mine"]
     for path in odd:
         path.mkdir()

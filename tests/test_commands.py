@@ -13,6 +13,7 @@ import pytest
 from vm0fs.archive import FILE, Member
 from vm0fs.cache import Cache
 from vm0fs.cli import parse_size
+from vm0fs.tree import TreeBuilder
 
 
 def vm0fs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,7 +26,9 @@ def fill(cache_dir: Path, sizes: dict[str, int]) -> Cache:
     for vid, size in sizes.items():
         staging = cache.stage(vid)
         os.write(staging.fd, bytes(size))
-        os.close(cache.publish(staging, [Member("f", FILE, 0o644, 0, size, 0)]).fd)
+        index = TreeBuilder(0)
+        index.add(Member("f", FILE, 0o644, 0, size, 0))
+        os.close(cache.publish(staging, index).fd)
     return cache
 
 

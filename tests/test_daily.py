@@ -26,6 +26,7 @@ def test_status_and_info_commands(dev_server: DevServer, mount_vm0fs: MountFacto
     status = run_cli("status", str(m.path))
     assert status.returncode == 0, status.stderr
     assert srv.url in status.stdout and "1 version(s) cached" in status.stdout
+    assert "resident (peak" in status.stdout and "held in memory" in status.stdout
     data = json.loads(run_cli("status", "--json", str(m.path / "artifacts")).stdout)
     assert data["cache"]["versions"] == 1 and data["downloads"] == []
     assert not (set(os.listdir(m.path)) - {"artifacts", ".vm0fs"})

@@ -3,6 +3,7 @@ the real version store and listings, under trio."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import json
@@ -155,7 +156,10 @@ class Harness:
     async def listdir(self, path: str, batch: int | None = None, with_dots: bool = False
                       ) -> dict[str, pyfuse3.EntryAttributes]:
         """The entries of a folder; `batch` entries per readdir call (default: all in one)."""
-        inode = (await self.resolve(path)).st_ino
+        return await self.list_inode((await self.resolve(path)).st_ino, batch, with_dots)
+
+    async def list_inode(self, inode: int, batch: int | None = None, with_dots: bool = False
+                         ) -> dict[str, pyfuse3.EntryAttributes]:
         fh = await self.opendir(inode)
         entries: dict[str, pyfuse3.EntryAttributes] = {}
         original = pyfuse3.readdir_reply
@@ -167,7 +171,7 @@ class Harness:
             if room == 0:  # the kernel's buffer is full
                 return False
             room -= 1
-            entries[os.fsdecode(name)] = attrs
+            entries[os.fsdecode(name)] = copy.copy(attrs)  # libfuse copies them at once
             start = next_id
             return True
 
@@ -764,3 +768,238 @@ def test_a_refresh_behind_the_last_answer_shows_what_it_brought_when_it_ends(
             nursery.cancel_scope.cancel()
 
     run(tmp_path, client, test, ttl=0.05)
+
+
+# --- memory: indexes dropped and found again ---------------------------------------------------
+
+NESTED = tar_gz([("top.txt", b"top\n"), ("d/", b""), ("d/e/f.txt", b"deep file\n"),
+                 ("d/link", "e/f.txt"), ("d/g.bin", bytes(range(256)) * 50)])
+
+
+async def read_inode(h: Harness, inode: int) -> bytes:
+    try:
+        fh: int | None = (await h.ops.open(inode, os.O_RDONLY)).fh
+    except pyfuse3.FUSEError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        fh = None  # stateless: reads get the inode
+    try:
+        return bytes(await h.ops.read(inode if fh is None else fh, 0, 1 << 20))
+    finally:
+        if fh is not None:
+            await h.ops.release(fh)
+
+
+async def list_inode(h: Harness, inode: int) -> dict[str, int]:
+    return {name: attrs.st_ino for name, attrs in (await h.list_inode(inode)).items()}
+
+
+def test_inodes_the_kernel_holds_answer_after_the_index_is_dropped(tmp_path: Path) -> None:
+    """getattr, read, readlink, readdir, lookup and '..' of inodes looked up before the
+    version's index was dropped: the same entries, the same numbers, no new download."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        root = f"artifacts/run/{vid}"
+        vdir = await h.resolve(root)
+        d = await h.resolve(f"{root}/d")
+        f = await h.resolve(f"{root}/d/e/f.txt")
+        e = await h.resolve(f"{root}/d/e")
+        link = await h.lookup(f"{root}/d/link")
+        listed = await list_inode(h, d.st_ino)
+        (state,) = h.store.states.values()
+        assert state.index is not None and h.store.memory()["versions_in_memory"] == 1
+        assert state.kernel_refs > 0
+
+        h.store.drop(state)
+        assert state.index is None and h.store.memory()["versions_in_memory"] == 0
+        again = await h.ops.getattr(f.st_ino)
+        assert (again.st_ino, again.st_size, again.st_mode) == (f.st_ino, 10, f.st_mode)
+        assert state.index is not None  # mapped again from the cache
+
+        h.store.drop(state)
+        assert await read_inode(h, f.st_ino) == b"deep file\n"
+        h.store.drop(state)
+        assert os.fsdecode(await h.ops.readlink(link.st_ino)) == "e/f.txt"
+        h.store.drop(state)
+        assert await list_inode(h, d.st_ino) == listed
+        h.store.drop(state)
+        assert (await h.ops.lookup(e.st_ino, b"f.txt")).st_ino == f.st_ino
+        h.store.drop(state)
+        assert (await h.ops.lookup(e.st_ino, b"..")).st_ino == d.st_ino
+        assert (await h.ops.lookup(d.st_ino, b"..")).st_ino == vdir.st_ino
+        assert (await h.ops.lookup(e.st_ino, b"nothing")).st_ino == 0
+        assert h.client.downloads == 1
+
+        # Numbers past the version's entries, or in a range no version has: ENOENT.
+        for bogus in (state.base + 10_000, state.base + (1 << 31) + (7 << 32)):
+            with pytest.raises(pyfuse3.FUSEError) as excinfo:
+                await h.ops.getattr(bogus)
+            assert fuse_errno(excinfo) == errno.ENOENT
+
+    run(tmp_path, client, test)
+
+
+def test_forgotten_entries_are_found_again_from_a_new_download(tmp_path: Path) -> None:
+    """Once the kernel forgets a version's entries its index goes; if its cache entry goes
+    too, looking it up again downloads it and gives every entry the number it had."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        root = f"artifacts/run/{vid}"
+        paths = ["top.txt", "d", "d/e", "d/e/f.txt", "d/link", "d/g.bin"]
+        before = {p: (await h.lookup(f"{root}/{p}")).st_ino for p in paths}
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        refs = state.kernel_refs
+        await h.ops.forget([(inode, 1) for inode in before.values()])
+        assert state.kernel_refs == refs - len(paths)
+        await h.ops.forget([(inode, 100) for inode in before.values()])
+        assert state.kernel_refs == 0
+        assert h.store.trim(state.last_used + 1) == 0  # used a moment ago: kept
+        assert h.store.trim(state.last_used + 10) == 1  # nothing held by the kernel: dropped
+        assert state.index is None
+
+        # The cache entry goes as well (as eviction would do it).
+        assert state.fd is not None
+        os.close(state.fd)
+        state.fd = None
+        assert h.store.cache.evict(0) > 0
+        # A forgotten inode is asked for again (an NFS-style handle): downloaded again.
+        assert await read_inode(h, before["d/g.bin"]) == bytes(range(256)) * 50
+        assert h.client.downloads == 2
+        assert {p: (await h.lookup(f"{root}/{p}")).st_ino for p in paths} == before
+
+    run(tmp_path, client, test)
+
+
+def test_unused_indexes_leave_memory(tmp_path: Path) -> None:
+    """Indexes nobody used for tree_idle seconds go, held by the kernel or not; the least
+    recently used go first while all together pass the budget."""
+    client = FakeClient()
+    ids = client.add("a1", "run", [tar_gz({f"f{i}.txt": b"%d" % i for i in range(n)})
+                                   for n in (10, 20, 30)])
+
+    async def test(h: Harness) -> None:
+        for vid in ids:
+            await h.lookup(f"artifacts/run/{vid}/f1.txt")
+        states = [h.store.states[("a1", vid)] for vid in ids]
+        for state in states:
+            await state.wait_tree()
+        for i, state in enumerate(states):
+            state.last_used = 1000.0 + i
+        assert all(s.kernel_refs > 0 for s in states)
+        assert h.store.trim(1000.0 + h.store.tree_idle + 0.5) == 1  # the oldest only
+        assert [s.index is None for s in states] == [True, False, False]
+        assert h.store.memory() == {"versions_known": 3, "versions_in_memory": 2,
+                                    "index_bytes": sum(s.index.nbytes for s in states[1:])}
+        h.store.tree_budget = states[2].index.nbytes  # room for one
+        assert h.store.trim(1000.0) == 1
+        assert [s.index is None for s in states] == [True, True, False]
+        # Used again: back, with the same entries.
+        assert (await h.read(f"artifacts/run/{ids[0]}/f9.txt")) == b"9"
+
+    run(tmp_path, client, test)
+
+
+def test_status_shows_memory(tmp_path: Path) -> None:
+    client = FakeClient()
+    client.add("a1", "run", [SIMPLE])
+
+    async def test(h: Harness) -> None:
+        await h.read("artifacts/run/current/README.md")
+        memory = json.loads(await h.read(".vm0fs/status.json"))["memory"]
+        assert memory["versions_in_memory"] == memory["versions_known"] == 1
+        assert memory["rss"] > 1 << 20 and memory["peak_rss"] >= memory["rss"]
+        text = (await h.read(".vm0fs/status")).decode()
+        assert "1 of 1 version(s) held in memory" in text
+
+    run(tmp_path, client, test)
+
+
+def test_a_listing_goes_on_after_the_index_is_dropped(tmp_path: Path) -> None:
+    """readdir in several calls (a big folder), the index dropped between them."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [tar_gz({f"f{i:03}": b"x" for i in range(50)})])
+
+    async def test(h: Harness) -> None:
+        folder = await h.lookup(f"artifacts/run/{vid}")
+        await h.lookup(f"artifacts/run/{vid}/f000")
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        fh = await h.opendir(folder.st_ino)
+        got: list[tuple[str, int]] = []
+        original = pyfuse3.readdir_reply
+        room, start = 0, 0
+
+        def reply(token: Any, name: bytes, attrs: Any, next_id: int) -> bool:
+            nonlocal room, start
+            if room == 0:  # the kernel's buffer is full
+                return False
+            room -= 1
+            got.append((os.fsdecode(name), attrs.st_ino))
+            start = next_id
+            return True
+
+        pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+        try:
+            while room == 0:
+                room = 7
+                h.store.drop(state)  # between the calls of one listing
+                await h.ops.readdir(folder.st_ino if fh is None else fh, start, None)
+        finally:
+            pyfuse3.readdir_reply = original  # type: ignore[assignment]
+            if fh is not None:
+                await h.ops.releasedir(fh)
+        assert [name for name, _ in got[:2]] == [".", ".."]
+        got = got[2:]
+        names = [name for name, _ in got]
+        assert names == [f"f{i:03}" for i in range(50)]  # each once, in name order
+        inodes = dict(got)
+        for name, inode in inodes.items():
+            assert (await h.lookup(f"artifacts/run/{vid}/{name}")).st_ino == inode
+
+    run(tmp_path, client, test)
+
+
+def test_a_damaged_index_file_is_rebuilt_with_the_same_numbers(tmp_path: Path) -> None:
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+
+    async def test(h: Harness) -> None:
+        f = await h.lookup(f"artifacts/run/{vid}/d/e/f.txt")
+        (state,) = h.store.states.values()
+        await state.wait_tree()
+        h.store.drop(state)
+        (h.store.cache.versions / vid / "index.bin").write_bytes(b"garbage")
+        assert (await h.ops.getattr(f.st_ino)).st_size == 10
+        assert await read_inode(h, f.st_ino) == b"deep file\n"
+        assert h.client.downloads == 2  # the entry was removed and fetched again
+        assert (await h.lookup(f"artifacts/run/{vid}/d/e/f.txt")).st_ino == f.st_ino
+
+    run(tmp_path, client, test)
+
+
+def test_listed_attributes_are_those_getattr_gives(tmp_path: Path) -> None:
+    """readdirplus builds attributes straight from the index: the same as getattr's."""
+    client = FakeClient()
+    (vid,) = client.add("a1", "run", [NESTED])
+    fields = ("st_ino", "st_mode", "st_size", "st_blocks", "st_mtime_ns", "st_ctime_ns",
+              "st_nlink", "st_uid", "st_gid", "st_blksize", "entry_timeout", "attr_timeout")
+
+    async def test(h: Harness) -> None:
+        pending = [f"artifacts/run/{vid}"]
+        seen = 0
+        while pending:
+            path = pending.pop()
+            for name, listed in (await h.listdir(path)).items():
+                seen += 1
+                got = await h.ops.getattr(listed.st_ino)
+                assert [getattr(listed, f) for f in fields] == [getattr(got, f) for f in fields]
+                if stat.S_ISDIR(listed.st_mode):
+                    pending.append(f"{path}/{name}")
+        assert seen == 6
+
+    run(tmp_path, client, test)

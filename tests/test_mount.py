@@ -797,3 +797,46 @@ def test_camel_case_api_and_a_broken_transfer(dev_server: Callable[..., DevServe
     assert data == archives.large_bytes(1)
     assert m.run((folder / "current" / "after.txt").read_text) == "after\n"
     assert srv.stats()["requests"]["blob"] >= 2  # the fault did break the first transfer
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def inode_numbers(root: Path) -> dict[str, int]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = os.lstat(path).st_ino
+    return found
+
+
+def held_in_memory(m: Mount) -> int:
+    status = json.loads(m.run((m.path / ".vm0fs" / "status.json").read_text))
+    return status["memory"]["versions_in_memory"]
+
+
+def test_dropped_kernel_caches_let_the_index_go(dev_server: Callable[..., DevServer],
+                                                mount_vm0fs: MountFactory,
+                                                tmp_path: Path) -> None:
+    """`echo 2 > drop_caches` makes the kernel forget the version's entries: the mount lets
+    go of its index, and everything reads the same, under the same inode numbers, after."""
+    if os.geteuid() != 0:
+        pytest.skip("drop_caches needs root")
+    data_dir = tmp_path / "data"
+    members = [archives.reg(f"d{i % 7}/sub{i % 3}/f{i:04d}.txt", f"file {i}\n" * (i % 50),
+                            0o644, archives.T0 + i) for i in range(3000)]
+    art = single("many", archives.tar_gz(members), EPOCH)
+    write_art(data_dir, art)
+    m = mount_vm0fs(dev_server(data_dir))
+    root = m.artifacts / "many" / art.id_of("v1.tar.gz")
+    before = m.run(snapshot, root)
+    numbers = m.run(inode_numbers, root)
+    assert len(before) == 3000 + 7 + 21
+    assert held_in_memory(m) == 1
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    poll(lambda: held_in_memory(m) == 0, 60, "the index let go")
+    assert m.run(inode_numbers, root) == numbers
+    assert m.run(snapshot, root) == before
+    assert "Traceback" not in m.log()

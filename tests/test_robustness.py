@@ -87,6 +87,8 @@ from mounting import (
     watchdog,
 )
 
+from vm0fs.tree import TreeIndex
+
 pytest_plugins = ["mounting"]
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,9 +217,8 @@ def cached_versions(cache: Path) -> set[str]:
 def assert_entry_sound(cache: Path, version_id: str) -> None:
     """A published entry: its index matches its data (what a crash must never break)."""
     folder = cache / "versions" / version_id
-    index = json.loads((folder / "index.json").read_text())
-    assert index["version_id"] == version_id
-    assert index["tar_size"] == (folder / "data.tar").stat().st_size
+    index = TreeIndex.open(folder / "index.bin")
+    assert index.tar_size == (folder / "data.tar").stat().st_size
 
 
 def free_port() -> int:
@@ -610,7 +611,7 @@ def test_hostile_archive_beyond_the_basics(dev_server: Server, mount_vm0fs: Moun
     cache_files = {p.relative_to(m.cache_dir).as_posix() for p in m.cache_dir.rglob("*")
                    if p.is_file()}
     assert {f for f in cache_files if f.startswith("versions/")} == {
-        f"versions/{version}/data.tar", f"versions/{version}/index.json"}
+        f"versions/{version}/data.tar", f"versions/{version}/index.bin"}
     assert staging_left(m.cache_dir) == []
     # The mount keeps working.
     assert m.run((m.artifacts / "good" / good / "README.md").read_text) == "# run 42\n"

@@ -245,11 +245,14 @@ def _mtime_ns(text: str | None, mtime: float) -> int:
             return 0
 
 
+Resolve = Callable[[str], "Member | None"]  # the member now at a path, for hard links
+
+
 def _member(name: str, kind: bytes, mode: int, mtime_ns: int, size: int, offset: int,
             linkname: str, sparse: list[tuple[int, int]] | None,
-            seen: dict[str, Member]) -> Member | None:
+            seen: Resolve) -> Member | None:
     """The member a header makes (`kind`: tarfile's type byte), or None when it is left out
-    (logged at DEBUG). `seen`: the latest member at each path, for hard links."""
+    (logged at DEBUG). `seen` finds the member at a path, for hard links."""
     path = normalize_path(name)
     if path is None:
         log.debug("left out %r: unsafe or empty name", name)
@@ -264,7 +267,7 @@ def _member(name: str, kind: bytes, mode: int, mtime_ns: int, size: int, offset:
     if kind == tarfile.LNKTYPE:
         # A hard link is the same content as its target, which must come earlier in the archive.
         target_path = normalize_path(linkname)
-        target = seen.get(target_path) if target_path else None
+        target = seen(target_path) if target_path else None
         if target is None or target.kind == DIR:
             log.debug("left out %r: hard link to missing %r", name, linkname)
             return None
@@ -275,7 +278,7 @@ def _member(name: str, kind: bytes, mode: int, mtime_ns: int, size: int, offset:
     return None
 
 
-def member_from_tarinfo(info: tarfile.TarInfo, seen: dict[str, Member]) -> Member | None:
+def member_from_tarinfo(info: tarfile.TarInfo, seen: Resolve) -> Member | None:
     """The member `info` becomes, or None when it is left out (logged at DEBUG)."""
     sparse = [(int(a), int(b)) for a, b in info.sparse] if info.sparse is not None else None
     return _member(info.name, info.type, info.mode,
@@ -368,10 +371,14 @@ def _plain_globals(records: dict[str, str]) -> bool:
 class _Walker:
     """Walks the headers of a growing tar file; see the module docstring."""
 
-    def __init__(self, fileobj: GrowingFile, emit: Callable[[Member], None]) -> None:
+    def __init__(self, fileobj: GrowingFile, emit: Callable[[Member], None],
+                 resolve: Resolve | None = None) -> None:
         self.file = fileobj
         self.emit = emit
-        self.seen: dict[str, Member] = {}  # for hard links: the latest member at each path
+        # For hard links: the latest member at each path, unless the caller knows them.
+        self.seen: dict[str, Member] = {}
+        self.keep_seen = resolve is None
+        self.resolve = resolve or self.seen.get
         self.pax_globals: dict[str, str] = {}  # the records of the pax global headers so far
         self.plain_globals = True
         self.buf = b""  # the file's bytes from self.base on, as last read
@@ -474,10 +481,9 @@ class _Walker:
             if size < 0:
                 raise ArchiveError(f"corrupt tar archive: negative size at byte {pos}")
             end += _padded(size)
-        member = _member(path, kind, mode, mtime_ns, size, offset, link, None, self.seen)
+        member = _member(path, kind, mode, mtime_ns, size, offset, link, None, self.resolve)
         if member is not None:
-            self.seen[member.path] = member
-            self.emit(member)
+            self.record(member)
         return end
 
     def header_at(self, pos: int, start: int,
@@ -562,14 +568,20 @@ class _Walker:
             raise ArchiveError(f"corrupt tar archive: unreadable header at byte {start}")
         self.pax_globals = tar.pax_headers
         self.plain_globals = _plain_globals(tar.pax_headers)
-        member = member_from_tarinfo(info, self.seen)
+        member = member_from_tarinfo(info, self.resolve)
         if member is not None:
-            self.seen[member.path] = member
-            self.emit(member)
+            self.record(member)
         return end
 
+    def record(self, member: Member) -> None:
+        if self.keep_seen:
+            self.seen[member.path] = member
+        self.emit(member)
 
-def scan_members(fileobj: GrowingFile, emit: Callable[[Member], None]) -> None:
+
+def scan_members(fileobj: GrowingFile, emit: Callable[[Member], None],
+                 resolve: Resolve | None = None) -> None:
     """Read every header of the tar in `fileobj` and emit the members that may appear, each as
-    soon as its header has been read."""
-    _Walker(fileobj, emit).run()
+    soon as its header has been read. `resolve(path)` gives the member now at a path (for hard
+    links) when the caller keeps them; otherwise the walk keeps every member for that."""
+    _Walker(fileobj, emit, resolve).run()

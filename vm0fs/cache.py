@@ -4,7 +4,7 @@ member index. Version ids are content hashes, so an entry never goes stale.
 Layout under the cache directory (owner-only permissions):
     CACHEDIR.TAG                the marker that says vm0fs made this folder its cache
     versions/<id>/data.tar      the tar bytes
-    versions/<id>/index.json    the members, in archive order, and the tar size
+    versions/<id>/index.bin     the version's entries and the tar size (tree.TreeIndex)
     staging/<id>.<pid>.<rand>/  an entry being written; published by renaming it into versions/
     listings/<ns>/...           last known API listings, for offline use (see meta.py)
     mounts/<pid>.json           one per mount using the cache, locked while it runs
@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vm0fs.archive import Member
 from vm0fs.errors import CacheError
+from vm0fs.tree import TreeBuilder, TreeIndex
 
 log = logging.getLogger("vm0fs.cache")
 
-INDEX_FORMAT = 1
-DATA, INDEX, IN_USE = "data.tar", "index.json", "in-use.lock"
+DATA, INDEX, IN_USE = "data.tar", "index.bin", "in-use.lock"
+OLD_INDEX = "index.json"  # what vm0fs wrote before the binary index
 MARKER = "CACHEDIR.TAG"
 MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                "# This file is a cache directory tag created by vm0fs.\n"
@@ -59,10 +59,10 @@ TOUCH_INTERVAL = 1.0  # seconds between on-disk last-used updates of one entry
 
 @dataclass
 class Entry:
-    """An open cache entry: the tar file's descriptor (shared-locked) and its members."""
+    """An open cache entry: the tar file's descriptor (shared-locked) and its index."""
 
     fd: int
-    members: list[Member]
+    index: TreeIndex
     size: int
 
 
@@ -151,14 +151,14 @@ def _is_legacy(root: Path, names: set[str]) -> bool:
 
 
 def _is_entry_folder(folder: Path) -> bool:
-    """A published version folder: data.tar and index.json, nothing else, no links."""
+    """A published version folder: data.tar and its index, nothing else, no links."""
     try:
         if folder.is_symlink() or not folder.is_dir():
             return False
         names = set(os.listdir(folder))
     except OSError:
         return False
-    return DATA in names and names <= {DATA, INDEX}
+    return DATA in names and names <= {DATA, INDEX, OLD_INDEX}
 
 
 def _write_marker(root: Path) -> None:
@@ -281,18 +281,30 @@ class Cache:
             if not _lock(fd, fcntl.LOCK_SH):  # being evicted right now
                 os.close(fd)
                 return None
-            index = json.loads((folder / INDEX).read_text())
             size = os.fstat(fd).st_size
-            if index.get("format") != INDEX_FORMAT or index.get("tar_size") != size:
+            if not (folder / INDEX).exists() and (folder / OLD_INDEX).exists():
+                log.info("cache entry %s has the index of an older vm0fs: downloading it again",
+                         version_id[:12])
+                os.close(fd)
+                self._remove_entry(version_id, only_if_unused=True)
+                return None
+            index = TreeIndex.open(folder / INDEX)
+            if index.tar_size != size:
                 raise ValueError("index does not match the data")
-            members = [Member.from_json(row) for row in index["members"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("cache entry %s is damaged (%s): removing it", version_id[:12], exc)
             os.close(fd)
             self._remove_entry(version_id)
             return None
         self.touch(version_id)
-        return Entry(fd, members, size)
+        return Entry(fd, index, size)
+
+    def load_index(self, version_id: str) -> TreeIndex | None:
+        """Map the index of an entry this process holds open (quick: no thread needed)."""
+        try:
+            return TreeIndex.open(self.versions / version_id / INDEX)
+        except FileNotFoundError:
+            return None
 
     def touch(self, version_id: str, when: float | None = None) -> None:
         """Record that the entry was used (at `when`, default now): its folder's mtime orders
@@ -319,17 +331,19 @@ class Cache:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return Staging(version_id, path, fd)
 
-    def publish(self, staging: Staging, members: list[Member]) -> Entry:
+    def publish(self, staging: Staging, builder: TreeBuilder) -> Entry:
         """Make a staged entry visible to everyone; returns it open and shared-locked.
 
         When another process published the same version first, the returned entry is theirs
         and `staging.fd` is left open for the caller to close."""
         size = os.fstat(staging.fd).st_size
-        index = {"format": INDEX_FORMAT, "version_id": staging.version_id, "tar_size": size,
-                 "members": [m.to_json() for m in members]}
         try:
-            (staging.path / INDEX).write_text(json.dumps(index, separators=(",", ":")))
-            os.chmod(staging.path / INDEX, 0o600)
+            fd = os.open(staging.path / INDEX, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o600)
+            try:
+                builder.write(fd, size)
+            finally:
+                os.close(fd)
             fcntl.flock(staging.fd, fcntl.LOCK_SH)  # readers welcome from now on
             os.rename(staging.path, self.versions / staging.version_id)
         except OSError as exc:
@@ -347,7 +361,11 @@ class Cache:
             return entry
         # Last used when it was asked for, not when its download ended.
         self.touch(staging.version_id, self._used.get(staging.version_id))
-        return Entry(staging.fd, members, size)
+        try:
+            index = TreeIndex.open(self.versions / staging.version_id / INDEX)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cannot read the index just written: {exc}") from None
+        return Entry(staging.fd, index, size)
 
     def discard(self, staging: Staging) -> None:
         with contextlib.suppress(OSError):
@@ -454,7 +472,7 @@ class Cache:
         except FileNotFoundError:
             # A folder without its data: remove it only if it holds nothing but our index.
             with contextlib.suppress(OSError):
-                if set(os.listdir(folder)) <= {INDEX}:
+                if set(os.listdir(folder)) <= {INDEX, OLD_INDEX}:
                     shutil.rmtree(folder, ignore_errors=True)
             return not folder.exists()
         try:

@@ -409,7 +409,8 @@ async def _fetch_one(client: ApiClient, cache: Cache, artifact: Artifact, versio
         print(f"{label}: empty version, nothing to fetch")
         return
     task = bar.add_task(label, total=version.size or None)
-    fetch = Fetch(client, cache, artifact.id, version.id, expected_size=version.size)
+    fetch = Fetch(client, cache, artifact.id, version.id, expected_size=version.size,
+                  implied_mtime_ns=int(version.created_at * 1e9))
     try:
         entry = await fetch.run(on_step=lambda: bar.update(task, completed=fetch.progress.durable))
     finally:

@@ -79,6 +79,11 @@ def status_text(status: dict[str, Any]) -> str:
         + (f"of a {human(cache['cap'])} cap" if cache["cap"] is not None else "(no cap set)")
         + f", {cache['versions']} version(s) cached",
     ]
+    memory = status.get("memory")
+    if memory:
+        lines.append(f"memory:         {human(memory['rss'])} resident (peak "
+                     f"{human(memory['peak_rss'])}), {memory['versions_in_memory']} of "
+                     f"{memory['versions_known']} version(s) held in memory")
     downloads = status["downloads"]
     lines.append(f"downloads:      {len(downloads) or 'none'}")
     for d in downloads:

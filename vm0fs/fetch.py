@@ -1,7 +1,10 @@
 """One download of a version into the cache: the HTTP stream is inflated into a staging file by
 one worker thread while another reads tar headers from the same file, then the entry is
-published. Used by the mount (members go into the tree as they are read, so files can be served
-before the archive ends) and by `vm0fs prefetch`.
+published. Used by the mount (members go into the index as they are read, so files can be
+served before the archive ends) and by `vm0fs prefetch`.
+
+The index (a `TreeBuilder`) is grown in the parser thread itself, with no object kept per member;
+the event loop is told every PUBLISH_BATCH members, and whenever the parser waits for bytes.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import trio
 
 from vm0fs.archive import GrowingFile, Member, Progress, TarSink, scan_members
 from vm0fs.cache import Cache, Entry
+from vm0fs.tree import TreeBuilder
 
 log = logging.getLogger("vm0fs.fetch")
 
-PUBLISH_BATCH = 512  # members handed from the parser thread to the event loop at once
+PUBLISH_BATCH = 512  # members added between two wake-ups of the event loop
 PROGRESS_LOG_INTERVAL = 5.0
 DISK_RESERVE = 256 << 20  # never fill the disk past this much free space
 
@@ -41,7 +45,8 @@ def size_limit(cache: Cache, max_version_bytes: int | None) -> int:
 
 class Fetch:
     def __init__(self, client: Downloader, cache: Cache, artifact_id: str, version_id: str,
-                 progress: Progress | None = None, expected_size: int = 0) -> None:
+                 progress: Progress | None = None, expected_size: int = 0,
+                 implied_mtime_ns: int = 0) -> None:
         self.client = client
         self.cache = cache
         self.artifact_id = artifact_id
@@ -50,13 +55,15 @@ class Fetch:
         self.expected_size = expected_size  # the API's uncompressed size, for progress reports
         self.fd: int | None = None  # the tar file being written, then the published one
         self.received = 0  # archive bytes received
-        self.members: list[Member] = []
+        self.members = 0  # members read so far
+        # The version's entries as they are read; mtime of the folders the archive implies.
+        self.index = TreeBuilder(implied_mtime_ns)
 
     async def run(self, max_version_bytes: int | None = None,
-                  on_members: Callable[[list[Member]], None] | None = None,
+                  on_members: Callable[[], None] | None = None,
                   on_step: Callable[[], None] = lambda: None) -> Entry:
-        """Download, inflate, index and publish; `on_members` gets members as they are read
-        (on the event loop), `on_step` is called whenever more bytes are there."""
+        """Download, inflate, index and publish; `on_members` is called (on the event loop)
+        when `index` has grown, `on_step` whenever more bytes are there."""
         limit = await trio.to_thread.run_sync(size_limit, self.cache, max_version_bytes)
         staging = await trio.to_thread.run_sync(self.cache.stage, self.version_id)
         self.fd = staging.fd
@@ -69,19 +76,20 @@ class Fetch:
 
         def emit(flush: bool = False) -> None:  # in the parser thread
             nonlocal sent
-            if on_members is None or len(self.members) - sent < (1 if flush else PUBLISH_BATCH):
+            if on_members is None or self.members - sent < (1 if flush else PUBLISH_BATCH):
                 return
-            batch = self.members[sent:]
-            sent = len(self.members)
-            trio.from_thread.run_sync(on_members, batch, trio_token=token)
+            sent = self.members
+            trio.from_thread.run_sync(on_members, trio_token=token)
 
         def parse() -> None:
             def add(member: Member) -> None:
-                self.members.append(member)
+                self.index.add(member)
+                self.members += 1
                 emit()
 
             try:
-                scan_members(GrowingFile(staging.fd, self.progress, lambda: emit(True)), add)
+                scan_members(GrowingFile(staging.fd, self.progress, lambda: emit(True)), add,
+                             self.index.resolve)
                 emit(True)
             except BaseException as exc:  # noqa: BLE001 - reported to the downloader
                 errors["parse"] = exc
@@ -107,7 +115,7 @@ class Fetch:
             # A failed download makes the parser fail too: report the cause, not the echo.
             if errors:
                 raise errors.get("receive") or errors["parse"]
-            entry = await trio.to_thread.run_sync(self.cache.publish, staging, self.members)
+            entry = await trio.to_thread.run_sync(self.cache.publish, staging, self.index)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.cache.discard, staging)
@@ -119,7 +127,7 @@ class Fetch:
             os.close(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
         log.info("version %s: %d members, %.1f MB in %.1f s (%.1f MB/s)", self.version_id[:12],
-                 len(self.members), sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)
+                 self.members, sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)
         return entry
 
     async def _receive(self, sink: TarSink, on_step: Callable[[], None]) -> None:

@@ -47,7 +47,17 @@ from vm0fs.control import (
 )
 from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
 from vm0fs.meta import ARTIFACTS, Listings
-from vm0fs.tree import Dir, File, Link, Node
+from vm0fs.tree import (
+    ROOT_ENTRY,
+    VERSION_INODES,
+    ContentDir,
+    Dir,
+    File,
+    Link,
+    Node,
+    TreeIndex,
+    in_version_range,
+)
 from vm0fs.versions import VersionState, VersionStore
 
 log = logging.getLogger("vm0fs.fs")
@@ -317,6 +327,7 @@ class Operations(pyfuse3.Operations):
                       "cap": self.cache.max_bytes, "versions": len(entries)},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
+            "memory": {**process_memory(), **self.store.memory()},
             "listing_only_downloads": {"total": self.store.listing_only,
                                        "queued": self.store.listing_queue,
                                        "at_once": self.store.listing_slots},
@@ -524,31 +535,66 @@ class Operations(pyfuse3.Operations):
         return state
 
     async def _children(self, node: Node) -> dict[str, Node]:
-        """The entries of a folder, fetching what they depend on."""
+        """The entries of a folder above the versions, fetching what they depend on."""
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if node is self.artifacts_dir:
             await self._refresh_artifacts()
         elif isinstance(node, ArtifactDir):
             await self._refresh_versions(node)
-        elif isinstance(node, VersionDir):
-            await self._state(node).wait_tree()
-        elif node.owner is not None:
-            await node.owner.wait_tree()
         return node.children
+
+    async def _content_listing(self, node: VersionDir | ContentDir) -> ContentListing:
+        """A folder inside a version, to list: waits for the version's whole tree."""
+        state = self._state(node) if isinstance(node, VersionDir) else self._live(node.owner)
+        await state.wait_tree()
+        assert isinstance(state.index, TreeIndex)
+        entry = node.entry if isinstance(node, ContentDir) else ROOT_ENTRY
+        return ContentListing(state, state.index, entry, node)
+
+    def _live(self, state: VersionState) -> VersionState:
+        """The current state of a version (a failed one is replaced), its index loading."""
+        if state.error is None and state.index is not None:
+            state.last_used = time.monotonic()  # the usual case, on every request: quick
+            return state
+        return self._state(state.root)  # type: ignore[arg-type]
 
     # -- handlers ----------------------------------------------------------------------
 
-    def _node(self, inode: int) -> Node:
-        node = self.table.get(inode)
-        if node is None:
+    def _node_now(self, inode: int) -> Node | None:
+        """The node of an inode when no waiting is needed (the usual case); else None."""
+        if inode < VERSION_INODES:
+            return self.table.get(inode)
+        found = self.store.state_of(inode)
+        if found is None:
+            return None
+        state, entry = found
+        index = state.index
+        if index is None or entry >= index.count or state.error is not None:
+            return None
+        state.last_used = time.monotonic()
+        return state.node(entry)
+
+    async def _node(self, inode: int) -> Node:
+        """The node of an inode the kernel sent. An entry of a version whose index was dropped
+        is found again: its number says which version and which entry."""
+        node = self._node_now(inode)
+        if node is not None:
+            return node
+        found = self.store.state_of(inode) if in_version_range(inode) else None
+        if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+        state, entry = found
+        state = self._live(state)
+        index = state.index
+        if (index is None or entry >= index.count) and not await state.wait_entry(entry):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return state.node(entry)
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
+        parent = self._node_now(parent_inode) or await self._node(parent_inode)
         if not isinstance(parent, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         text = os.fsdecode(name)
@@ -571,10 +617,23 @@ class Operations(pyfuse3.Operations):
         return self._entry(node)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        self._counted(node)
         return self.attributes(node)
 
+    @staticmethod
+    def _counted(node: Node) -> None:
+        """The kernel got a reference to `node` (a lookup, or an entry of readdirplus)."""
+        if isinstance(node, (ContentDir, File)) or (isinstance(node, Link)
+                                                    and node.owner is not None):
+            node.owner.kernel_refs += 1  # entries of versions: counted per version
+        else:
+            node.lookups += 1
+
     def _parent(self, node: Dir) -> Dir:
+        if isinstance(node, ContentDir):
+            parent = node.owner.parent_entry(node.entry)
+            node = node.owner.node(parent) if parent != ROOT_ENTRY else node.owner.root
+            return node  # type: ignore[return-value]
         return node.parent or self.root
 
     def _negative_timeout(self, parent: Dir) -> float:
@@ -607,19 +666,31 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, ArtifactDir):
             await self._refresh_versions(parent)
             return parent.children.get(name) or self._resolve_prefix(parent, name)
-        state = self._state(parent, use=True) if isinstance(parent, VersionDir) else parent.owner
-        if state is not None:
-            await state.wait_name(parent, name)
+        if isinstance(parent, (VersionDir, ContentDir)):
+            state = (self._state(parent, use=True) if isinstance(parent, VersionDir)
+                     else self._live(parent.owner))
+            folder = parent.entry if isinstance(parent, ContentDir) else ROOT_ENTRY
+            index = state.index
+            if index is not None and index.complete:
+                entry = index.find(folder, name)  # the usual case: no need to wait
+            else:
+                entry = await state.wait_name(folder, name)
+            return state.node(entry) if entry is not None else None
         return parent.children.get(name)
 
     @fuse_errors
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.table.forget(inode, count)
+            if in_version_range(inode):
+                found = self.store.state_of(inode)
+                if found is not None:
+                    found[0].kernel_refs = max(found[0].kernel_refs - count, 0)
+            else:
+                self.table.forget(inode, count)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
         else:
@@ -645,7 +716,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if not isinstance(node, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
@@ -654,7 +725,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         if self.stateless:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # no more OPENDIR: readdir gets the inode
-        node = self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(node)
@@ -662,11 +733,22 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         if self.stateless:
-            entries = await self._entries(self._node(fh), cached=start_id > 0)
+            folder = self._node_now(fh) or await self._node(fh)
+            if isinstance(folder, (VersionDir, ContentDir)):
+                # A version's index never changes: offsets mean the same entry without a
+                # snapshot, even after the index was dropped and loaded again.
+                self._send_content(await self._content_listing(folder), start_id, token)
+                return
+            entries = await self._entries(folder, cached=start_id > 0)
         else:
             handle = self._handles.get(fh)
             if handle is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
+            if isinstance(handle, (VersionDir, ContentDir)):  # first call
+                handle = self._handles[fh] = await self._content_listing(handle)
+            if isinstance(handle, ContentListing):
+                self._send_content(handle, start_id, token)
+                return
             if not isinstance(handle, list):  # first call: snapshot the entries
                 handle = self._handles[fh] = await self._entries(handle, cached=False)
             entries = handle
@@ -676,6 +758,39 @@ class Operations(pyfuse3.Operations):
                 return
             if index >= 2:  # the kernel takes no reference for '.' and '..'
                 node.lookups += 1
+
+    def _send_content(self, listing: ContentListing, start: int, token: Any) -> None:
+        """readdirplus of a folder in a version, straight from its index (no nodes: this is
+        the hot path of find, ls -lR and du). The attributes are those `attributes` gives."""
+        state, index, folder = listing.state, listing.index, listing.folder
+        if start == 0 and not pyfuse3.readdir_reply(token, b".", self.attributes(folder), 1):
+            return
+        if start <= 1:
+            if isinstance(folder, ContentDir):  # from the listing's own index
+                parent = index.parent(listing.entry)
+                up: Node = state.node(parent, index) if parent != ROOT_ENTRY else state.root
+            else:
+                up = self._parent(folder)
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes(up), 2):
+                return
+        state.last_used = time.monotonic()  # in use (the listing keeps its own index)
+        # One object for all: readdir_reply copies the attributes into the reply at once.
+        attrs = pyfuse3.EntryAttributes()
+        attrs.entry_timeout = attrs.attr_timeout = CONTENT_TIMEOUT  # listed when complete
+        attrs.st_nlink = 1
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_blksize = BLOCK_SIZE
+        for i, (name, entry, mode, size, mtime_ns) in enumerate(
+                index.listing(listing.entry, max(start - 2, 0)), max(start, 2)):
+            attrs.st_ino = state.base + entry
+            attrs.st_mode = mode
+            attrs.st_size = size
+            attrs.st_blocks = (size + 511) // 512
+            attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                return
+            state.kernel_refs += 1
 
     async def _entries(self, folder: Node, cached: bool) -> list[tuple[bytes, Node]]:
         """The entries of a folder as readdir hands them out: '.', '..', then the children.
@@ -706,7 +821,7 @@ class Operations(pyfuse3.Operations):
             # No more OPEN/RELEASE: the kernel keeps pages across opens and `read` gets the
             # inode. The mount is read-only, so the kernel refuses writes itself.
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        node = self._node(inode)
+        node = self._node_now(inode) or await self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, Dir):
@@ -735,7 +850,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        node = self._node(fh) if self.stateless else self._handles.get(fh)
+        node = (self._node_now(fh) or await self._node(fh)) if self.stateless else (
+            self._handles.get(fh))
         if isinstance(node, bytes):  # classic mode: the snapshot a control file's open took
             return node[off:off + size]
         if isinstance(node, Generated):  # stateless: the content its size was last told with
@@ -836,7 +952,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking for good
-        value = self._xattrs(self._node(inode)).get(os.fsdecode(name))
+        value = self._xattrs(await self._node(inode)).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
@@ -844,7 +960,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return [name.encode() for name in self._xattrs(self._node(inode))]
+        return [name.encode() for name in self._xattrs(await self._node(inode))]
 
     def _new_handle(self, target: Any) -> int:
         fh = self._next_handle
@@ -862,6 +978,37 @@ class Operations(pyfuse3.Operations):
 
     mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
     setxattr = removexattr = _read_only
+
+
+class ContentListing:
+    """A folder of a version being listed: its entries come from the index as they are sent
+    (the index is kept even if the version drops it meanwhile: the numbers stay the same)."""
+
+    __slots__ = ("state", "index", "entry", "folder")
+
+    def __init__(self, state: VersionState, index: TreeIndex, entry: int, folder: Dir) -> None:
+        self.state = state
+        self.index = index
+        self.entry = entry
+        self.folder = folder  # its node, for '.' and '..'
+
+    def __len__(self) -> int:
+        return self.index.child_count(self.entry)
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak, in bytes (from /proc)."""
+    found = {"rss": 0, "peak_rss": 0}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                key = {"VmRSS": "rss", "VmHWM": "peak_rss"}.get(name)
+                if key is not None:
+                    found[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def _pread_into(fd: int, buf: bytearray, done: int, start: int) -> int:
