@@ -394,8 +394,9 @@ def say(text: str) -> None:
 
 
 def run_checked(cmd: Sequence[str], timeout: float = CMD_TIMEOUT,
-                env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
+                env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env,
+                            cwd=cwd)
     if result.returncode != 0:
         raise BenchError(f"`{shlex.join(cmd)}` exited {result.returncode}: "
                          f"{result.stderr.strip()[-500:]}")
@@ -492,8 +493,9 @@ class Server:
 class Processes:
     """Everything this run started or mounted, so that it can all be undone (idempotently)."""
 
-    def __init__(self, mount_env: dict[str, str] | None = None) -> None:
+    def __init__(self, mount_env: dict[str, str] | None = None, vm0fs: str = VM0FS) -> None:
         self.mount_env = mount_env or {}  # added to the environment of `vm0fs mount`
+        self.vm0fs = vm0fs  # mounts and unmounts with it (scale's --vm0fs); servers use VM0FS
         self.servers: list[Server] = []
         self.vm0fs_mounts: dict[Path, int | None] = {}  # mount point -> mount process pid
         self.ratar_mounts: dict[Path, subprocess.Popen[bytes]] = {}
@@ -501,11 +503,12 @@ class Processes:
 
     # -- dev-server --
 
-    def start_server(self, data_dir: Path, log: Path) -> Server:
+    def start_server(self, data_dir: Path, log: Path, args: Sequence[str] = ()) -> Server:
+        """A dev-server on a free port; args are added to its command line."""
         with log.open("ab") as err:
             proc = subprocess.Popen(
                 [VM0FS, "dev-server", "--data-dir", str(data_dir), "--token", TOKEN, "--port",
-                 "0"], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                 "0", *args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         server = Server(proc, "", "")
         self.servers.append(server)
@@ -541,16 +544,21 @@ class Processes:
 
     # -- vm0fs --
 
-    def mount_vm0fs(self, mountpoint: Path, cache: Path, server: Server, log: Path) -> float:
-        """Mount in the background (returns once it answers); the seconds it took."""
+    def mount_vm0fs(self, mountpoint: Path, cache: Path, server: Server, log: Path,
+                    args: Sequence[str] = ()) -> float:
+        """Mount in the background (returns once it answers); the seconds it took. args are
+        added to the command line (e.g. --metadata-ttl)."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, VM0_API_KEY=TOKEN, **self.mount_env)
-        cmd = [VM0FS, "mount", str(mountpoint), "--api-url", server.url, "--cache-dir",
-               str(cache), "--log-file", str(log)]
+        cmd = [self.vm0fs, "mount", str(mountpoint), "--api-url", server.url, "--cache-dir",
+               str(cache), "--log-file", str(log), *args]
+        # Another build's vm0fs is not run from a checkout: its mount process runs
+        # `python -m vm0fs.cli`, which would import the vm0fs of the current folder.
+        cwd = None if self.vm0fs == VM0FS else mountpoint.parent
         self.vm0fs_mounts[mountpoint] = None
         started = time.perf_counter()
         try:
-            run_checked(cmd, MOUNT_TIMEOUT, env)
+            run_checked(cmd, MOUNT_TIMEOUT, env, cwd)
         finally:
             self.vm0fs_mounts[mountpoint] = find_mount_pid(mountpoint)
         elapsed = time.perf_counter() - started
@@ -569,8 +577,8 @@ class Processes:
         pid = self.vm0fs_mounts.pop(mountpoint, None)
         started = time.perf_counter()
         if is_mounted(mountpoint):
-            result = subprocess.run([VM0FS, "unmount", str(mountpoint)], capture_output=True,
-                                    text=True, timeout=STOP_TIMEOUT + 5)
+            result = subprocess.run([self.vm0fs, "unmount", str(mountpoint)],
+                                    capture_output=True, text=True, timeout=STOP_TIMEOUT + 5)
             if result.returncode != 0:
                 self.problems.append(f"`vm0fs unmount {mountpoint}` failed: "
                                      f"{result.stderr.strip()}; used fusermount3 -u -z")
@@ -647,14 +655,14 @@ class Processes:
 
 
 def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None,
-              token: str | None = None) -> Any:
+              token: str | None = None, timeout: float = 60.0) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -1150,7 +1158,13 @@ def table(rows: list[Row], errors: dict[str, str]) -> str:
         lines.append([row.name, fmt(row.vm0fs, row.unit), row.ref_name or "-",
                       fmt(row.ref, row.unit), ratio, row.target.text if row.target else "-",
                       result])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return layout(lines, errors)
+
+
+def layout(lines: list[list[str]], errors: dict[str, str]) -> str:
+    """Columns padded to their widest cell, a rule under the first line (the head), then a
+    line for each phase that failed."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for n, line in enumerate(lines):
         out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
@@ -1215,15 +1229,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps < 0 or args.bandwidth <= 0:
         p.error("--reps and --bandwidth must be positive")
-    unknown = {n for n in args.only.split(",") if n} - set(PHASES)
-    if unknown:
-        p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    check_only(p, args.only, PHASES)
     return args
+
+
+def check_only(p: argparse.ArgumentParser, only: str, known: Sequence[str]) -> None:
+    """A usage error when --only names a phase that is not known."""
+    unknown = {n for n in only.split(",") if n} - set(known)
+    if unknown:
+        p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+
+
+def only_phases(only: str, known: Sequence[str]) -> list[str]:
+    """The phases --only names, in the order of known; all of them when it names none."""
+    return [n for n in known if n in only.split(",")] if only else list(known)
+
+
+@contextlib.contextmanager
+def cleaned_up(procs: Processes) -> Iterator[None]:
+    """Undo everything procs started on the way out: at the end of the block, also on errors,
+    Ctrl-C, SIGTERM and SIGHUP (both raise KeyboardInterrupt), and at exit."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    atexit.register(procs.cleanup)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        procs.cleanup()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    phases = [n for n in PHASES if n in args.only.split(",")] if args.only else list(PHASES)
+    phases = only_phases(args.only, PHASES)
     for tool in ("curl", "tar", "fusermount3", "find", "grep", "du"):
         if shutil.which(tool) is None:
             say(f"bench: {tool} is not installed")
@@ -1235,39 +1278,29 @@ def main(argv: list[str]) -> int:
         say(f"bench: {stock} is missing: run scripts/setup")
         return 2
     procs = Processes({"PYTHONPATH": str(stock)} if args.pyfuse3 == "stock" else None)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    atexit.register(procs.cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    try:
-        for mountpoint in fuse_mounts():  # left by a run that was killed hard
-            if root in mountpoint.parents:
-                say(f"bench: lazily unmounting {mountpoint}, left by an earlier run")
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30)
-        root.mkdir(parents=True, exist_ok=True)
-        data = Data(root, scale)
-        data.prepare()
-        bench = Bench(args, scale, data, procs)
-        remove_tree(bench.run_dir)
-        if bench.ratarmount is None and not args.no_ratarmount:
-            bench.notes.append("ratarmount is not installed (pip install -e '.[bench]'): "
-                               "its comparisons were skipped")
-        started = time.perf_counter()
-        bench.run(phases)
-        bench.extra["elapsed_s"] = time.perf_counter() - started
-    except KeyboardInterrupt:
-        say("bench: interrupted: unmounted and stopped everything")
-        return 130
-    except BenchError as exc:
-        say(f"bench: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
-        procs.cleanup()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with cleaned_up(procs):
+        try:
+            for mountpoint in fuse_mounts():  # left by a run that was killed hard
+                if root in mountpoint.parents:
+                    say(f"bench: lazily unmounting {mountpoint}, left by an earlier run")
+                    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30)
+            root.mkdir(parents=True, exist_ok=True)
+            data = Data(root, scale)
+            data.prepare()
+            bench = Bench(args, scale, data, procs)
+            remove_tree(bench.run_dir)
+            if bench.ratarmount is None and not args.no_ratarmount:
+                bench.notes.append("ratarmount is not installed (pip install -e '.[bench]'): "
+                                   "its comparisons were skipped")
+            started = time.perf_counter()
+            bench.run(phases)
+            bench.extra["elapsed_s"] = time.perf_counter() - started
+        except KeyboardInterrupt:
+            say("bench: interrupted: unmounted and stopped everything")
+            return 130
+        except BenchError as exc:
+            say(f"bench: {exc}")
+            return 1
     bench.notes += procs.problems
     info = machine_info()
     print(f"vm0fs bench ({scale.name}, {args.pyfuse3} pyfuse3): {info['date']}, "

@@ -30,49 +30,47 @@ rows included: they are findings), 1 when one failed, 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import gzip
 import io
 import json
 import math
 import os
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-VM0FS = str(REPO / ".venv" / "bin" / "vm0fs")
-TOKEN = "scale-token"
-EPOCH = 1735689600  # 2025-01-01T00:00:00Z
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The benchmark's processes (dev-servers, mounts) and their clean-up, and its table layout.
+from bench import (  # noqa: E402
+    EPOCH,
+    REPO,
+    TOKEN,
+    VM0FS,
+    BenchError,
+    Processes,
+    Server,
+    check_only,
+    cleaned_up,
+    fuse_mounts,
+    http_json,
+    layout,
+    only_phases,
+    say,
+)
+
 DATA_FORMAT = 1  # bump whenever the generator changes: the data is rebuilt
 PHASES = ("mount", "ls", "lsl")
 PAGE = 100  # the API's page size
 CMD_TIMEOUT = 1800.0
-MOUNT_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
-SERVER_TIMEOUT = 60.0
 IDLE = 1.5  # seconds without a request: background refreshes have ended
-
-
-class ScaleError(Exception):
-    """A step failed; the message says which and why."""
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -110,181 +108,40 @@ def prepare_data(root: Path, n: int) -> Path:
     return data
 
 
-# --- processes -------------------------------------------------------------------------------
+# --- the dev-server's API ------------------------------------------------------------------
 
 
-def fuse_mounts() -> set[Path]:
-    found: set[Path] = set()
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2].startswith("fuse"):
-                found.add(Path(fields[1].encode().decode("unicode_escape")))
-    return found
+def call(server: Server, path: str, method: str = "GET", body: dict[str, Any] | None = None,
+         auth: bool = False) -> Any:
+    return http_json(server.url + path, method, body, TOKEN if auth else None, timeout=120)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def requests(server: Server) -> dict[str, int]:
+    """Requests to the API by route since the last reset, downloads left out."""
+    counts = call(server, "/_dev/stats")["requests"]
+    return {route: n for route, n in counts.items() if route not in ("download", "blob")}
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
+def reset(server: Server) -> None:
+    call(server, "/_dev/reset", "POST")
+
+
+def set_latency(server: Server, ms: float) -> None:
+    call(server, "/_dev/faults", "POST", {"latency_ms": ms})
+
+
+def wait_idle(server: Server, timeout: float = 600.0) -> None:
+    """Until no request came for IDLE seconds: the mount's background refreshes ended."""
     deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not process_alive(pid)
-
-
-def find_mount_pid(mountpoint: Path) -> int | None:
-    """The pid of the `vm0fs mount --foreground` process serving mountpoint."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"mount" in argv and b"--foreground" in argv and str(mountpoint).encode() in argv:
-            return int(entry.name)
-    return None
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str = ""
-
-    def call(self, path: str, method: str = "GET", body: dict[str, Any] | None = None,
-             auth: bool = False) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if auth:
-            request.add_header("Authorization", f"Bearer {TOKEN}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read())
-
-    def requests(self) -> dict[str, int]:
-        counts = self.call("/_dev/stats")["requests"]
-        return {route: n for route, n in counts.items() if route not in ("download", "blob")}
-
-    def reset(self) -> None:
-        self.call("/_dev/reset", "POST")
-
-    def latency(self, ms: float) -> None:
-        self.call("/_dev/faults", "POST", {"latency_ms": ms})
-
-    def wait_idle(self, timeout: float = 600.0) -> None:
-        """Until no request came for IDLE seconds: the mount's background refreshes ended."""
-        deadline = time.monotonic() + timeout
-        last, since = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            total = sum(self.requests().values())
-            if total != last:
-                last, since = total, time.monotonic()
-            elif time.monotonic() - since >= IDLE:
-                return
-            time.sleep(0.2)
-        raise ScaleError(f"the API still got requests after {timeout:.0f} s")
-
-
-@dataclass
-class Processes:
-    """Everything this run started or mounted, so that it can all be undone (idempotently)."""
-
-    vm0fs: str
-    rescan_after: float
-    servers: list[Server] = field(default_factory=list)
-    mounts: dict[Path, int | None] = field(default_factory=dict)
-
-    def start_server(self, data: Path, log: Path) -> Server:
-        with log.open("ab") as err:
-            proc = subprocess.Popen(
-                [VM0FS, "dev-server", "--data-dir", str(data), "--token", TOKEN,
-                 "--rescan-after", f"{self.rescan_after:g}"],
-                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        server = Server(proc)
-        self.servers.append(server)
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while b"\n" not in line and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                line += chunk
-        text = line.decode(errors="replace")
-        if "listening on " not in text:
-            raise ScaleError(f"the dev-server did not start (see {log}): {text.strip()!r}")
-        server.url = text.split("listening on ", 1)[1].split()[0]
-        return server
-
-    def mount(self, mountpoint: Path, cache: Path, server: Server, ttl: float,
-              log: Path) -> float:
-        """`vm0fs mount` in the background; the seconds until it returned (mounted)."""
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        cmd = [self.vm0fs, "mount", str(mountpoint), "--api-url", server.url, "--cache-dir",
-               str(cache), "--metadata-ttl", f"{ttl:g}", "--log-file", str(log)]
-        self.mounts[mountpoint] = None
-        started = time.perf_counter()
-        try:
-            # Not from a checkout: the mount process runs `python -m vm0fs.cli`, which would
-            # import the vm0fs of the current folder rather than the one of --vm0fs.
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
-                                    env=dict(os.environ, VM0_API_KEY=TOKEN),
-                                    cwd=mountpoint.parent)
-        finally:
-            self.mounts[mountpoint] = find_mount_pid(mountpoint)
-        took = time.perf_counter() - started
-        if result.returncode != 0:
-            raise ScaleError(f"vm0fs mount exited {result.returncode}: {result.stderr.strip()}")
-        if mountpoint not in fuse_mounts():
-            raise ScaleError(f"`vm0fs mount` returned but {mountpoint} is not mounted")
-        return took
-
-    def unmount(self, mountpoint: Path) -> None:
-        pid = self.mounts.pop(mountpoint, None)
-        if mountpoint in fuse_mounts():
-            result = subprocess.run([self.vm0fs, "unmount", str(mountpoint)],
-                                    capture_output=True, timeout=STOP_TIMEOUT + 5)
-            if result.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
-                               capture_output=True, timeout=STOP_TIMEOUT)
-        if pid is not None and not wait_gone(pid, STOP_TIMEOUT):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not wait_gone(pid, STOP_TIMEOUT):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    def stop_server(self, server: Server) -> None:
-        if server in self.servers:
-            self.servers.remove(server)
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            try:
-                server.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(STOP_TIMEOUT)
-        if server.proc.stdout is not None:
-            server.proc.stdout.close()
-
-    def cleanup(self) -> None:
-        for mountpoint in list(self.mounts):
-            with contextlib.suppress(Exception):
-                self.unmount(mountpoint)
-        for server in list(self.servers):
-            with contextlib.suppress(Exception):
-                self.stop_server(server)
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        total = sum(requests(server).values())
+        if total != last:
+            last, since = total, time.monotonic()
+        elif time.monotonic() - since >= IDLE:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"the API still got requests after {timeout:.0f} s")
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -314,7 +171,7 @@ def timed(cmd: Sequence[str], cwd: Path | None = None) -> tuple[float, str]:
                             cwd=cwd)
     took = time.perf_counter() - started
     if result.returncode != 0:
-        raise ScaleError(f"`{' '.join(cmd)}` exited {result.returncode}: "
+        raise BenchError(f"`{' '.join(cmd)}` exited {result.returncode}: "
                          f"{result.stderr.strip()[-300:]}")
     return took, result.stdout
 
@@ -335,24 +192,34 @@ class Scale:
         self.mountpoint: Path | None = None  # a mount that answers, for the later phases
 
     def run(self, phases: Sequence[str]) -> None:
-        self.server = self.procs.start_server(self.data, self.run_dir / "server.log")
+        self.server = self.start_server(self.data, self.run_dir / "server.log")
         say("scale: the dev-server reads the archives once")
-        self.server.call("/v1/artifacts?limit=1", auth=True)
+        call(self.server, "/v1/artifacts?limit=1", auth=True)
         for name in phases:
             say(f"scale: {name}")
             try:
                 getattr(self, name)()
-            except ScaleError as exc:
+            except BenchError as exc:
                 self.errors[name] = str(exc)
                 say(f"scale: {name} failed: {exc}")
+
+    def start_server(self, data: Path, log: Path) -> Server:
+        return self.procs.start_server(
+            data, log, ["--rescan-after", f"{self.args.server_rescan_after:g}"])
+
+    def mount_at(self, mountpoint: Path, cache: Path, server: Server, ttl: float,
+                 log: Path) -> float:
+        """`vm0fs mount` in the background; the seconds until it returned (mounted)."""
+        return self.procs.mount_vm0fs(mountpoint, cache, server, log,
+                                      ["--metadata-ttl", f"{ttl:g}"])
 
     def mounted(self) -> Path:
         """A mount whose first walk has ended (made by `mount`, or now)."""
         assert self.server is not None
         if self.mountpoint is None:
-            self.server.latency(self.args.latency_ms)
+            set_latency(self.server, self.args.latency_ms)
             mp = self.run_dir / "mnt-shared"
-            self.procs.mount(mp, self.run_dir / "cache-shared", self.server, self.args.ttl,
+            self.mount_at(mp, self.run_dir / "cache-shared", self.server, self.args.ttl,
                              self.run_dir / "mount-shared.log")
             timed(["ls", str(mp / "artifacts")])
             self.mountpoint = mp
@@ -361,12 +228,12 @@ class Scale:
     def mount(self) -> None:
         assert self.server is not None
         server = self.server
-        server.latency(self.args.latency_ms)
+        set_latency(server, self.args.latency_ms)
         # Each mount is followed by one over a single artifact: what starting the process
         # costs, measured under the same load.
-        one = self.procs.start_server(prepare_data(self.run_dir.parent, 1),
-                                      self.run_dir / "server-one.log")
-        one.latency(self.args.latency_ms)
+        one = self.start_server(prepare_data(self.run_dir.parent, 1),
+                                self.run_dir / "server-one.log")
+        set_latency(one, self.args.latency_ms)
         took: list[float] = []
         alone: list[float] = []
         at_return: list[float] = []
@@ -375,26 +242,26 @@ class Scale:
         try:
             for rep in range(self.args.reps):
                 mp = self.run_dir / f"mnt-{rep}"
-                server.wait_idle()
-                server.reset()
-                took.append(self.procs.mount(mp, self.run_dir / f"cache-{rep}", server,
+                wait_idle(server)
+                reset(server)
+                took.append(self.mount_at(mp, self.run_dir / f"cache-{rep}", server,
                                              self.args.ttl, self.run_dir / f"mount-{rep}.log"))
-                at_return.append(server.requests()["list_artifacts"])
+                at_return.append(requests(server)["list_artifacts"])
                 seconds, out = timed(["ls", str(mp / "artifacts")])
                 if len(out.splitlines()) != self.n:
-                    raise ScaleError(f"ls artifacts/ showed {len(out.splitlines())} entries, "
+                    raise BenchError(f"ls artifacts/ showed {len(out.splitlines())} entries, "
                                      f"not {self.n}")
                 first_ls.append(seconds)
-                server.wait_idle()
-                walk.append(server.requests()["list_artifacts"])
+                wait_idle(server)
+                walk.append(requests(server)["list_artifacts"])
                 if self.mountpoint is None:
                     self.mountpoint = mp  # kept for the next phases
                 else:
-                    self.procs.unmount(mp)
+                    self.procs.unmount_vm0fs(mp)
                 small = self.run_dir / f"mnt-one-{rep}"
-                alone.append(self.procs.mount(small, self.run_dir / f"cache-one-{rep}", one,
+                alone.append(self.mount_at(small, self.run_dir / f"cache-one-{rep}", one,
                                               self.args.ttl, self.run_dir / "mount-one.log"))
-                self.procs.unmount(small)
+                self.procs.unmount_vm0fs(small)
         finally:
             self.procs.stop_server(one)
         ms = self.args.latency_ms
@@ -412,19 +279,19 @@ class Scale:
         assert self.server is not None
         server = self.server
         mp = self.mounted()
-        server.latency(self.args.latency_ms)
+        set_latency(server, self.args.latency_ms)
         took: list[float] = []
         walk: list[float] = []
         for _ in range(self.args.reps):
-            server.wait_idle()
+            wait_idle(server)
             time.sleep(self.args.ttl + 0.5)
-            server.reset()
+            reset(server)
             seconds, out = timed(["ls", str(mp / "artifacts")])
             if len(out.splitlines()) != self.n:
-                raise ScaleError(f"ls artifacts/ showed {len(out.splitlines())} entries")
+                raise BenchError(f"ls artifacts/ showed {len(out.splitlines())} entries")
             took.append(seconds)
-            server.wait_idle()
-            walk.append(server.requests()["list_artifacts"])
+            wait_idle(server)
+            walk.append(requests(server)["list_artifacts"])
         self.rows.append(Row(f"`ls artifacts/` after the TTL, {self.args.latency_ms:g} ms a "
                              f"request", "s", took, "< 0.5 s", lambda v: v < 0.5))
         self.rows.append(Row("  list requests of the walk behind it", "req", walk,
@@ -434,13 +301,13 @@ class Scale:
         assert self.server is not None
         server = self.server
         mp = self.mounted()
-        server.latency(self.args.ls_l_latency_ms)
-        server.wait_idle()
+        set_latency(server, self.args.ls_l_latency_ms)
+        wait_idle(server)
         time.sleep(self.args.ttl + 0.5)
-        server.reset()
+        reset(server)
         seconds, _ = timed(["sh", "-c", "ls -l artifacts/*/ > /dev/null"], cwd=mp)
-        server.wait_idle()
-        counts = server.requests()
+        wait_idle(server)
+        counts = requests(server)
         total = sum(counts.values())
         budget = 2 * self.n + self.pages
         self.extra["ls_l_requests"] = counts
@@ -480,15 +347,7 @@ def table(rows: list[Row], errors: dict[str, str]) -> str:
         result = {True: "PASS", False: "FAIL", None: "-"}[row.passed]
         lines.append([row.name, fmt(row.samples, row.unit), row.target or "-", result,
                       row.note])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    for phase, message in errors.items():
-        out.append(f"{phase}: ERROR {message}")
-    return "\n".join(out)
+    return layout(lines, errors)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -513,46 +372,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.artifacts < 1 or args.reps < 1 or args.ttl <= 0:
         p.error("--artifacts, --reps and --ttl must be positive")
-    unknown = {n for n in args.only.split(",") if n} - set(PHASES)
-    if unknown:
-        p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    check_only(p, args.only, PHASES)
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    phases = [n for n in PHASES if n in args.only.split(",")] if args.only else list(PHASES)
+    phases = only_phases(args.only, PHASES)
     root = args.work_dir.expanduser().absolute()
     run_dir = root / "run"
-    procs = Processes(args.vm0fs, args.server_rescan_after)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    atexit.register(procs.cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    try:
-        for mountpoint in fuse_mounts():  # left by a run that was killed hard
-            if root in mountpoint.parents:
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30)
-        if any(root in m.parents for m in fuse_mounts()):
-            raise ScaleError(f"something is still mounted under {root}")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        data = prepare_data(root, args.artifacts)
-        scale = Scale(args, data, procs, run_dir)
-        scale.run(phases)
-    except KeyboardInterrupt:
-        say("scale: interrupted: unmounted and stopped everything")
-        return 130
-    except ScaleError as exc:
-        say(f"scale: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop clean-up
-        procs.cleanup()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    procs = Processes(vm0fs=args.vm0fs)
+    with cleaned_up(procs):
+        try:
+            for mountpoint in fuse_mounts():  # left by a run that was killed hard
+                if root in mountpoint.parents:
+                    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30)
+            if any(root in m.parents for m in fuse_mounts()):
+                raise BenchError(f"something is still mounted under {root}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            data = prepare_data(root, args.artifacts)
+            scale = Scale(args, data, procs, run_dir)
+            scale.run(phases)
+        except KeyboardInterrupt:
+            say("scale: interrupted: unmounted and stopped everything")
+            return 130
+        except BenchError as exc:
+            say(f"scale: {exc}")
+            return 1
     date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"vm0fs scale: {date}, {len(os.sched_getaffinity(0))} CPUs, load "
           f"{os.getloadavg()[0]:.1f}, {args.artifacts} artifacts, --metadata-ttl {args.ttl:g}, "
