@@ -180,7 +180,43 @@ class BadIndex(ValueError):
     """An index file that cannot be used."""
 
 
-class TreeIndex:
+class EntryArrays:
+    """Reading one entry of a version from the flat arrays that TreeIndex (an index file) and
+    TreeBuilder (a download under way) both hold under the same names."""
+
+    _mode: Any
+    _parent: Any
+    _size: Any
+    _mtime: Any
+    _offset: Any
+    _name_off: Any
+    _extra_off: Any
+    _names: Any
+    _extra: Any
+
+    def mode(self, entry: int) -> int:
+        return self._mode[entry]
+
+    def size(self, entry: int) -> int:
+        return self._size[entry]
+
+    def mtime(self, entry: int) -> int:
+        return self._mtime[entry]
+
+    def offset(self, entry: int) -> int:
+        return self._offset[entry]
+
+    def parent(self, entry: int) -> int:
+        return self._parent[entry]
+
+    def name(self, entry: int) -> bytes:
+        return bytes(self._names[self._name_off[entry]:self._name_off[entry + 1]])
+
+    def extra(self, entry: int) -> bytes:
+        return bytes(self._extra[self._extra_off[entry]:self._extra_off[entry + 1]])
+
+
+class TreeIndex(EntryArrays):
     """The entries of a version, read from a buffer in the index-file layout (a read-only
     mapping of the file, or bytes). Folder entries are listed sorted by name."""
 
@@ -210,18 +246,9 @@ class TreeIndex:
         self._folders: dict[int, dict[bytes, int]] = {}  # see find
         self._cached = 0  # names in _folders
 
-    # Views of the arrays, created in __init__ (declared here for the type checker).
-    _mode: Any
-    _parent: Any
-    _size: Any
-    _mtime: Any
-    _offset: Any
-    _name_off: Any
-    _extra_off: Any
+    # Views of the arrays, created in __init__ (the rest are declared in EntryArrays).
     _child_off: Any
     _children: Any
-    _names: Any
-    _extra: Any
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> TreeIndex:
@@ -234,27 +261,6 @@ class TreeIndex:
             return cls(mmap.mmap(fd, size, prot=mmap.PROT_READ))
         finally:
             os.close(fd)
-
-    def mode(self, entry: int) -> int:
-        return self._mode[entry]
-
-    def size(self, entry: int) -> int:
-        return self._size[entry]
-
-    def mtime(self, entry: int) -> int:
-        return self._mtime[entry]
-
-    def offset(self, entry: int) -> int:
-        return self._offset[entry]
-
-    def parent(self, entry: int) -> int:
-        return self._parent[entry]
-
-    def name(self, entry: int) -> bytes:
-        return bytes(self._names[self._name_off[entry]:self._name_off[entry + 1]])
-
-    def extra(self, entry: int) -> bytes:
-        return bytes(self._extra[self._extra_off[entry]:self._extra_off[entry + 1]])
 
     def stat(self, entry: int) -> tuple[int, int, int]:
         """(st_mode, st_size, mtime in ns) of an entry, as its node would have them."""
@@ -309,7 +315,7 @@ class TreeIndex:
             yield self.name(entry), entry
 
 
-class TreeBuilder:
+class TreeBuilder(EntryArrays):
     """A version's index grown member by member (`add`) in the download's parser thread, read
     meanwhile from the event loop: entries below `count` are complete, and an entry is linked
     into its folder only after that. `write` saves it in the index-file layout."""
@@ -333,28 +339,7 @@ class TreeBuilder:
         self.count = 0
         self._new(ROOT_ENTRY, "", stat.S_IFDIR | IMPLIED_DIR_MODE, 0, implied_mtime_ns, 0)
 
-    # -- reading (same as TreeIndex, for the entries so far) --
-
-    def mode(self, entry: int) -> int:
-        return self._mode[entry]
-
-    def size(self, entry: int) -> int:
-        return self._size[entry]
-
-    def mtime(self, entry: int) -> int:
-        return self._mtime[entry]
-
-    def offset(self, entry: int) -> int:
-        return self._offset[entry]
-
-    def parent(self, entry: int) -> int:
-        return self._parent[entry]
-
-    def name(self, entry: int) -> bytes:
-        return bytes(self._names[self._name_off[entry]:self._name_off[entry + 1]])
-
-    def extra(self, entry: int) -> bytes:
-        return bytes(self._extra[self._extra_off[entry]:self._extra_off[entry + 1]])
+    # -- reading: EntryArrays, for the entries so far --
 
     def find(self, folder: int, name: str) -> int | None:
         return self._slots.get(f"{folder}/{name}")
