@@ -1,6 +1,6 @@
 """Async client for the vm0 Artifacts HTTP API (httpx under trio).
 
-Facts this code is built around (see shared/api/behaviour.md):
+Facts this code is built around (how the real service behaves beyond its reference page):
 - every field comes in snake_case (old service) or camelCase (new service);
 - cursor pagination can repeat or skip items, so walks de-duplicate and are bounded;
 - /download answers 302 to a presigned object-store URL that must never see the API key;
