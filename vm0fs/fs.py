@@ -66,7 +66,7 @@ CONTENT_TIMEOUT = 24 * 3600.0  # version contents never change
 BLOCK_SIZE = 128 * 1024
 HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 READAHEAD = 8 << 20  # bytes to prefetch after a read that had to wait for the disk
-READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big get prefetched when opened
+READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big: read ahead from their first read
 NO_OPENDIR_KERNEL = (5, 1)  # first Linux release that honours ENOSYS from OPENDIR (OPEN: 4.19)
 LISTING_SNAPSHOTS = 16  # folders whose readdir entries are kept between calls (stateless mode)
 
@@ -836,17 +836,7 @@ class Operations(pyfuse3.Operations):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("open inode %d of version %s", inode, state.version_id[:12])
         self.store.reading(state)
-        self._read_ahead(node)
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
-
-    @staticmethod
-    def _read_ahead(node: File) -> None:
-        """Big files are mostly read through: start reading them off the disk now."""
-        state: VersionState = node.owner
-        if node.size >= READAHEAD_MIN and state.data_ready and state.fd is not None:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(state.fd, node.offset, min(node.size, READAHEAD_MAX),
-                                 os.POSIX_FADV_WILLNEED)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -862,30 +852,33 @@ class Operations(pyfuse3.Operations):
         if off >= end:
             return b""
         state: VersionState = node.owner
-        if self.stateless:  # what `open` checks in the classic mode
-            if state.error is not None:
-                raise pyfuse3.FUSEError(errno_for(state.error))
-            if off == 0:
-                self._read_ahead(node)
+        if self.stateless and state.error is not None:  # what `open` checks in classic mode
+            raise pyfuse3.FUSEError(errno_for(state.error))
         self.store.reading(state)  # kept from eviction, and brought back if it was evicted
         if node.sparse is not None:
             return await self._read_sparse(node, off, end)
-        return await self._read_range(node, node.offset + off, end - off)
+        # Big files are mostly read through: the first read asks the disk for the rest too.
+        ahead = min(node.size, READAHEAD_MAX) if off == 0 and node.size >= READAHEAD_MIN else 0
+        return await self._read_range(node, node.offset + off, end - off, ahead)
 
-    async def _read_range(self, node: File, start: int, length: int) -> bytes | memoryview:
+    async def _read_range(self, node: File, start: int, length: int, ahead: int = 0
+                          ) -> bytes | memoryview:
         state: VersionState = node.owner
         state.reads_in_flight += 1  # eviction must not close the descriptor under this read
         try:
-            return await self._read_range_of(state, start, length)
+            return await self._read_range_of(state, start, length, ahead)
         finally:
             state.reads_in_flight -= 1
 
     @staticmethod
-    async def _read_range_of(state: VersionState, start: int, length: int
+    async def _read_range_of(state: VersionState, start: int, length: int, ahead: int
                              ) -> bytes | memoryview:
         fd = state.fd
         if fd is None or not state.data_ready:
             fd = await state.wait_bytes(start + length)
+        if ahead and state.data_ready:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, start, ahead, os.POSIX_FADV_WILLNEED)
         buf = bytearray(length)
         try:
             # Served from the page cache without blocking the event loop when possible.
