@@ -12,6 +12,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -651,6 +652,31 @@ def test_bandwidth_and_latency_still_complete(dev_server: Start, tmp_path: Path)
         loc = download_location(c, art_id("art"))
     assert fetch(loc).content == archive
     assert fetch(loc, headers={"Range": "bytes=0-999"}).content == archive[:1000]
+
+
+def test_bandwidth_caps_each_connection(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(450_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--bandwidth", "100000")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    part = 100_000  # a second each at the cap; four at once under one shared cap: four seconds
+
+    def ranged(i: int) -> tuple[bytes, float]:
+        began = time.monotonic()
+        r = fetch(loc, headers={"Range": f"bytes={i * part}-{(i + 1) * part - 1}"})
+        assert r.status_code == 206
+        return r.content, time.monotonic() - began
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ranged, range(4)))
+    elapsed = time.monotonic() - began
+    for i, (content, took) in enumerate(results):
+        assert content == archive[i * part : (i + 1) * part]
+        assert took >= 0.5  # each one is capped
+    assert elapsed < 2.8  # but not all of them together
+    assert srv.stats()["blob_peak"] >= 2
 
 
 # --- stats ----------------------------------------------------------------------------------

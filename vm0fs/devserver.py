@@ -43,7 +43,10 @@ Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_de
     truncate_blob   the next N blob GETs send full headers, about half the body, then hang up
                     (-1 = every one)
     blob_fail       the next N blob requests answer 500 (-1 = every one)
-    bandwidth       bytes per second per blob response (0 = unlimited)
+    bandwidth       bytes per second, a cap per blob response (0 = unlimited): each body is
+                    paced on its own from its first byte, and HTTP/1.1 sends one response at a
+                    time on a connection, so it caps each connection, as one stream to an object
+                    store is capped; K ranged GETs in flight get K times the rate together
     link_ttl        lifetime of download links in seconds (default 3600; 0 = already expired)
     camel_case      serve camelCase field names, like the service's later release
     reject_all      every /v1 request answers 401, like a revoked key
@@ -1007,7 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="BYTES_PER_S",
-        help="cap per blob response (0 = unlimited)",
+        help="cap per blob response, so per connection (0 = unlimited)",
     )
     f.add_argument(
         "--link-ttl",
