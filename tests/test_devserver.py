@@ -429,10 +429,52 @@ def test_blob_ranges(dev_server: Start, tmp_path: Path) -> None:
             r = blob.get(loc, headers={"Range": header})
             assert r.status_code == 416, header
             assert r.headers["content-range"] == f"bytes */{size}"
+            assert b"<Code>InvalidRange</Code>" in r.content
+            assert r.headers["content-length"] == str(len(r.content))
+            assert r.headers["etag"] and r.headers["accept-ranges"] == "bytes"
         # A malformed or multi-range header is ignored: the whole object.
-        for header in ("bytes=5-2", "items=0-1", "bytes=0-1,5-6"):
+        for header in ("bytes=5-2", "items=0-1", "bytes=0-1,5-6", "bytes=-", "bytes=a-b"):
             r = blob.get(loc, headers={"Range": header})
             assert r.status_code == 200 and r.content == archive
+            assert "content-range" not in r.headers
+        r = blob.get(loc, headers={"Range": "Bytes=3-4"})  # the unit is case-insensitive
+        assert (r.status_code, r.content) == (206, archive[3:5])
+
+
+def test_blob_if_range(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        etag = blob.head(loc).headers["etag"]
+        r = blob.get(loc, headers={"Range": "bytes=100-199", "If-Range": etag})
+        assert (r.status_code, r.content) == (206, archive[100:200])
+        assert r.headers["etag"] == etag
+        others = ('"0000"', f"W/{etag}", "Wed, 21 Oct 2015 07:28:00 GMT", etag.strip('"'))
+        for validator in others:
+            for rng in ("bytes=100-199", f"bytes={len(archive)}-"):  # even an unsatisfiable one
+                r = blob.get(loc, headers={"Range": rng, "If-Range": validator})
+                assert r.status_code == 200, (validator, rng)
+                assert r.content == archive
+                assert r.headers["content-length"] == str(len(archive))
+                assert "content-range" not in r.headers
+
+
+def test_blob_ranges_of_an_empty_object(dev_server: Start, tmp_path: Path) -> None:
+    # Not an archive at all: still served, as 0 bytes.
+    samples.write_artifact(tmp_path, "art", [SampleVersion("v1.tar.gz", b"", None, ts(1))])
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        r = blob.get(loc)
+        assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"", "0")
+        for header in ("bytes=0-", "bytes=0-0", "bytes=-5"):
+            r = blob.get(loc, headers={"Range": header})
+            assert r.status_code == 416, header
+            assert r.headers["content-range"] == "bytes */0"
 
 
 def test_blob_rejects_authorization_forgery_and_expiry(dev_server: Start, tmp_path: Path) -> None:

@@ -53,6 +53,14 @@ Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_de
 
 The Nth-request counter restarts whenever faults are posted or stats are reset.
 
+Blob answers (GET or HEAD of a download link) always carry ETag (the version id, quoted),
+Content-Length and Accept-Ranges: bytes. Range follows RFC 9110: one `bytes=a-b`, `bytes=a-`
+or suffix `bytes=-n` gets 206 with `Content-Range: bytes a-b/size` (an end past the object is
+cut to it); a range starting at or past the end, or `bytes=-0`, gets 416 with
+`Content-Range: bytes */size`; an unparseable or multi-range header is ignored (200, the whole
+body), as the RFC allows, and so is any Range whose If-Range is not the current ETag (a date or
+a weak tag never matches).
+
 Control routes (API origin, no auth): GET /_dev/stats (request counts, blob bytes sent, and
 blob_peak: the most blob bodies sent at once), POST /_dev/reset (zero the stats),
 GET /_dev/faults, POST /_dev/faults (JSON object merged into the current faults).
@@ -836,7 +844,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     one we ignore, such as multiple ranges, as RFC 9110 allows)."""
     if not header:
         return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header, re.IGNORECASE)
     if not m or (m[1] == "" and m[2] == ""):
         return None
     if m[1] == "":  # suffix: the last N bytes
@@ -859,12 +867,14 @@ _BLOB_PATH = re.compile(r"/blobs/([0-9a-f]{64})/archive\.tar\.gz")
 class BlobHandler(BaseHandler):
     """The object store: S3-like XML errors, presigned links, Range support."""
 
-    def s3_error(self, status: int, code: str, message: str) -> None:
+    def s3_error(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         body = (
             f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
             f"<Message>{message}</Message></Error>\n"
         ).encode()
-        self.send_bytes(status, body, "application/xml")
+        self.send_bytes(status, body, "application/xml", headers)
 
     def read_body_and_route(self) -> None:
         self.read_body()
@@ -912,20 +922,34 @@ class BlobHandler(BaseHandler):
         with f:
             self.serve_file(f, version_id)
 
+    def wanted_range(self, size: int, etag: str) -> tuple[int, int] | None:
+        """The Range to answer, None for the whole body. An If-Range that is not the current
+        ETag (strong comparison: a weak tag never matches, nor a date, as no Last-Modified is
+        sent) means the whole body, whatever the Range (RFC 9110 13.1.5)."""
+        header = self.headers.get("Range")
+        if not header:
+            return None
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range.strip() != etag:
+            return None
+        return parse_range(header, size)
+
     def serve_file(self, f: BinaryIO, version_id: str) -> None:
         state = self.app.state
         size = os.fstat(f.fileno()).st_size
+        etag = f'"{version_id}"'
         try:
-            rng = parse_range(self.headers.get("Range"), size)
+            rng = self.wanted_range(size, etag)
         except RangeNotSatisfiable:
-            self.send_bytes(416, b"", "application/xml", {"Content-Range": f"bytes */{size}"})
+            headers = {"Content-Range": f"bytes */{size}", "ETag": etag, "Accept-Ranges": "bytes"}
+            self.s3_error(416, "InvalidRange", "The requested range is not satisfiable", headers)
             return
         start, end = rng if rng else (0, size - 1)
         length = end - start + 1 if size else 0
         self.send_response(206 if rng else 200)
         self.send_header("Content-Type", "application/gzip")
         self.send_header("Content-Length", str(length))
-        self.send_header("ETag", f'"{version_id}"')
+        self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("X-Request-Id", str(uuid.uuid4()))
         if rng:
