@@ -721,6 +721,31 @@ def test_bandwidth_caps_each_connection(dev_server: Start, tmp_path: Path) -> No
     assert srv.stats()["blob_peak"] >= 2
 
 
+def test_blob_ttfb(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--blob-ttfb-ms", "1000")
+    assert srv.faults()["blob_ttfb_ms"] == 1000
+    with srv.client() as c:
+        began = time.monotonic()
+        loc = download_location(c, art_id("art"))
+        assert time.monotonic() - began < 0.8  # the API is not delayed
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        for headers in ({}, {"Range": "bytes=0-9"}):
+            began = time.monotonic()
+            with blob.stream("GET", loc, headers=headers) as r:
+                ttfb = time.monotonic() - began
+                body = r.read()
+            assert ttfb >= 0.9
+            assert body == (archive[:10] if headers else archive)
+        began = time.monotonic()
+        forged = blob.get(loc.replace("sig=", "sig=0"))
+        assert forged.status_code == 403 and time.monotonic() - began >= 0.9
+    srv.set_faults(blob_ttfb_ms=0.5)
+    assert srv.faults()["blob_ttfb_ms"] == 0.5
+    assert fetch(loc).content == archive
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 

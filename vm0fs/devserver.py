@@ -37,7 +37,9 @@ Write new archives under a name not ending in .tar.gz and rename them into place
 
 Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_dev/faults):
 
-    latency_ms      extra delay on every /v1 and blob request
+    latency_ms      extra delay (ms) before every /v1 and blob answer (not /_dev)
+    blob_ttfb_ms    time to first byte (ms) of every blob answer, errors included: the delay
+                    before its status line, on top of latency_ms; /v1 answers are not delayed
     fail_every      every Nth authenticated /v1 request answers 500 api_error
     throttle_every  every Nth authenticated /v1 request answers 429 with Retry-After: 1
     truncate_blob   the next N blob GETs send full headers, about half the body, then hang up
@@ -100,6 +102,7 @@ MIN_PREFIX = 8
 
 FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "latency_ms": 0,
+    "blob_ttfb_ms": 0,
     "fail_every": 0,
     "throttle_every": 0,
     "truncate_blob": 0,
@@ -109,8 +112,9 @@ FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "camel_case": False,
     "reject_all": False,
 }
-# Budget faults count down per blob request; -1 means "always".
+# Budget faults count down per request they hit; -1 means "always".
 _BUDGET_FAULTS = ("truncate_blob", "blob_fail")
+_MS_FAULTS = ("latency_ms", "blob_ttfb_ms")  # may be fractional
 _STAT_ROUTES = ("list_artifacts", "get_artifact", "list_versions", "download", "blob")
 
 T = TypeVar("T")
@@ -503,6 +507,7 @@ class State:
 
     def __init__(self, faults: dict[str, int | float | bool]) -> None:
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # set when the server stops: every wait ends early
         self.faults: dict[str, int | float | bool] = dict(FAULT_DEFAULTS)
         self.update_faults(faults)
         self._api_seq = 0
@@ -523,7 +528,7 @@ class State:
                 raise bad_request(f"Fault '{key}' must be a number", key)
             elif value < (-1 if key in _BUDGET_FAULTS else 0):
                 raise bad_request(f"Fault '{key}' is out of range", key)
-            elif key != "latency_ms" or float(value).is_integer():
+            elif key not in _MS_FAULTS or float(value).is_integer():
                 value = int(value)
             clean[key] = value
         with self._lock:
@@ -587,10 +592,12 @@ class State:
             self._blob_peak = self._blob_sending
             self._api_seq = 0
 
-    def sleep_latency(self) -> None:
-        ms = float(self.fault("latency_ms"))
-        if ms > 0:
-            time.sleep(ms / 1000)
+    def pause(self, seconds: float) -> bool:
+        """Sleep, unless the server stops first; True when it does."""
+        return self.stopping.wait(seconds) if seconds > 0 else self.stopping.is_set()
+
+    def sleep_ms(self, key: str) -> None:
+        self.pause(float(self.fault(key)) / 1000)
 
 
 class App:
@@ -738,7 +745,7 @@ class ApiHandler(BaseHandler):
         try:
             if not path.startswith("/v1/"):
                 raise not_found(f"Unknown route: '{path}'")
-            self.app.state.sleep_latency()
+            self.app.state.sleep_ms("latency_ms")
             self.v1(path, query)
         except HttpError as err:
             self.send_error_json(err)
@@ -883,7 +890,8 @@ class BlobHandler(BaseHandler):
         if not url.path.startswith("/blobs/"):
             self.s3_error(404, "NoSuchKey", "The specified key does not exist.")
             return
-        state.sleep_latency()
+        state.sleep_ms("latency_ms")
+        state.sleep_ms("blob_ttfb_ms")  # nothing at all is sent before it, errors included
         state.count("blob")
         m = _BLOB_PATH.fullmatch(url.path)
         if self.command not in ("GET", "HEAD"):
@@ -983,10 +991,9 @@ class BlobHandler(BaseHandler):
             self.wfile.write(data)
             sent += len(data)
             state.add_blob_bytes(len(data))
-            if bandwidth > 0:
-                delay = began + sent / bandwidth - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+            if bandwidth > 0 and state.pause(began + sent / bandwidth - time.monotonic()):
+                self.close_connection = True  # the server stops
+                break
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -1013,6 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "request rescans; for data dirs of thousands of artifacts)")
     f = p.add_argument_group("faults (also settable at runtime via POST /_dev/faults)")
     f.add_argument("--latency-ms", type=float, default=0, help="delay every request")
+    f.add_argument(
+        "--blob-ttfb-ms",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="time to first byte of every blob answer",
+    )
     f.add_argument("--fail-every", type=int, default=0, metavar="N", help="every Nth is a 500")
     f.add_argument("--throttle-every", type=int, default=0, metavar="N", help="every Nth is a 429")
     f.add_argument(
@@ -1102,6 +1116,7 @@ def main(argv: list[str]) -> int:
     # A timed wait keeps the main thread responsive to signals.
     while not stop.wait(0.5):
         pass
+    state.stopping.set()  # ends the waits of request threads; none of them is waited for
     for s in (api, blobs):
         s.shutdown()
         s.server_close()
