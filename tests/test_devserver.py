@@ -746,6 +746,74 @@ def test_blob_ttfb(dev_server: Start, tmp_path: Path) -> None:
     assert fetch(loc).content == archive
 
 
+def test_range_ignored(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--range-ignored")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        for header in ("bytes=10-19", "bytes=-5", f"bytes={len(archive)}-"):
+            r = blob.get(loc, headers={"Range": header})
+            assert (r.status_code, r.content) == (200, archive), header
+            assert r.headers["content-length"] == str(len(archive))
+            assert "content-range" not in r.headers
+        srv.set_faults(range_ignored=False)
+        assert blob.get(loc, headers={"Range": "bytes=10-19"}).status_code == 206
+
+
+def test_range_wrong(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    size = len(archive)
+    srv = dev_server(tmp_path)
+    srv.set_faults(range_wrong=True)
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    cases = {
+        "bytes=10-19": (11, 19),
+        "bytes=100-": (101, size - 1),
+        "bytes=-50": (size - 49, size - 1),
+        "bytes=7-7": (6, 7),
+        "bytes=0-0": (1, 1),
+    }
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        for header, (start, end) in cases.items():
+            r = blob.get(loc, headers={"Range": header})
+            assert r.status_code == 206, header
+            # The answer is consistent with itself, just not with what was asked.
+            assert r.headers["content-range"] == f"bytes {start}-{end}/{size}", header
+            assert r.headers["content-length"] == str(end - start + 1)
+            assert r.content == archive[start : end + 1]
+        assert blob.get(loc, headers={"Range": f"bytes={size}-"}).status_code == 416
+        assert blob.get(loc).content == archive  # no Range: unchanged
+
+
+def test_no_content_length(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(200_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--no-content-length")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:  # keep-alive: each chunked body ends cleanly
+        for headers, want, status in (
+            ({}, archive, 200),
+            ({"Range": "bytes=5-"}, archive[5:], 206),
+        ):
+            r = blob.get(loc, headers=headers)
+            assert (r.status_code, r.content) == (status, want)
+            assert "content-length" not in r.headers
+            assert r.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in blob.head(loc).headers
+        r = blob.get(loc, headers={"Range": "bytes=-1"})
+        assert (r.status_code, r.content) == (206, archive[-1:])
+        srv.set_faults(truncate_blob=1)  # cut short: the last chunk never comes
+        with blob.stream("GET", loc) as r, pytest.raises(httpx.RemoteProtocolError):
+            r.read()
+        srv.set_faults(no_content_length=False)
+        assert blob.get(loc).headers["content-length"] == str(len(archive))
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 

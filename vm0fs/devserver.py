@@ -52,6 +52,12 @@ Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_de
     link_ttl        lifetime of download links in seconds (default 3600; 0 = already expired)
     camel_case      serve camelCase field names, like the service's later release
     reject_all      every /v1 request answers 401, like a revoked key
+    range_ignored   blob GETs ignore Range (and If-Range): 200 and the whole body
+    range_wrong     a satisfiable Range gets a 206 starting one byte later than asked (one byte
+                    earlier when one byte was asked, byte 1 for byte 0), with the Content-Range,
+                    Content-Length and bytes of what is sent
+    no_content_length  blob bodies (200 and 206) go out chunked (Transfer-Encoding: chunked),
+                    without Content-Length; a cut one (truncate_blob) lacks its last chunk
 
 The Nth-request counter restarts whenever faults are posted or stats are reset.
 
@@ -111,6 +117,9 @@ FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "link_ttl": DEFAULT_LINK_TTL,
     "camel_case": False,
     "reject_all": False,
+    "range_ignored": False,
+    "range_wrong": False,
+    "no_content_length": False,
 }
 # Budget faults count down per request they hit; -1 means "always".
 _BUDGET_FAULTS = ("truncate_blob", "blob_fail")
@@ -868,6 +877,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+def other_start(rng: tuple[int, int], size: int) -> tuple[int, int]:
+    """For range_wrong: a range starting elsewhere than asked (one byte later; one byte
+    earlier when a single byte was asked; byte 1 for byte 0), unless the object has one byte."""
+    start, end = rng
+    if start < end:
+        return start + 1, end
+    if start > 0:
+        return start - 1, end
+    return (1, 1) if size > 1 else rng
+
+
 _BLOB_PATH = re.compile(r"/blobs/([0-9a-f]{64})/archive\.tar\.gz")
 
 
@@ -944,19 +964,26 @@ class BlobHandler(BaseHandler):
 
     def serve_file(self, f: BinaryIO, version_id: str) -> None:
         state = self.app.state
+        faults = state.get_faults()
         size = os.fstat(f.fileno()).st_size
         etag = f'"{version_id}"'
         try:
-            rng = self.wanted_range(size, etag)
+            rng = None if faults["range_ignored"] else self.wanted_range(size, etag)
         except RangeNotSatisfiable:
             headers = {"Content-Range": f"bytes */{size}", "ETag": etag, "Accept-Ranges": "bytes"}
             self.s3_error(416, "InvalidRange", "The requested range is not satisfiable", headers)
             return
+        if rng and faults["range_wrong"]:
+            rng = other_start(rng, size)
         start, end = rng if rng else (0, size - 1)
         length = end - start + 1 if size else 0
+        chunked = bool(faults["no_content_length"])
         self.send_response(206 if rng else 200)
         self.send_header("Content-Type", "application/gzip")
-        self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(length))
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("X-Request-Id", str(uuid.uuid4()))
@@ -969,17 +996,22 @@ class BlobHandler(BaseHandler):
         if state.take("truncate_blob"):
             budget = length // 2
             self.close_connection = True  # the client sees EOF before Content-Length
-        bandwidth = int(state.fault("bandwidth"))
+        bandwidth = int(faults["bandwidth"])
         # Small chunks under a bandwidth cap keep the pacing smooth (about 10 writes a second).
         chunk = min(CHUNK, max(1, bandwidth // 10)) if bandwidth > 0 else CHUNK
         f.seek(start)
         state.sending_blob(1)
         try:
-            self._send_body(f, budget, chunk, bandwidth)
+            sent = self._send_body(f, budget, chunk, bandwidth, chunked)
+            if chunked and sent == length:
+                self.wfile.write(b"0\r\n\r\n")  # a cut chunked body never gets its last chunk
         finally:
             state.sending_blob(-1)
 
-    def _send_body(self, f: BinaryIO, budget: int, chunk: int, bandwidth: int) -> None:
+    def _send_body(
+        self, f: BinaryIO, budget: int, chunk: int, bandwidth: int, chunked: bool
+    ) -> int:
+        """Send up to `budget` bytes from f; return how many went out."""
         state = self.app.state
         sent = 0
         began = time.monotonic()
@@ -988,12 +1020,13 @@ class BlobHandler(BaseHandler):
             if not data:
                 self.close_connection = True  # the file shrank under us: cannot honour the length
                 break
-            self.wfile.write(data)
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
             sent += len(data)
             state.add_blob_bytes(len(data))
             if bandwidth > 0 and state.pause(began + sent / bandwidth - time.monotonic()):
                 self.close_connection = True  # the server stops
                 break
+        return sent
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -1058,6 +1091,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="download link lifetime (0 = already expired)",
     )
     f.add_argument("--camel-case", action="store_true", help="camelCase field names")
+    f.add_argument(
+        "--range-ignored", action="store_true", help="answer a Range with 200 and the whole body"
+    )
+    f.add_argument(
+        "--range-wrong", action="store_true", help="answer a Range with a 206 starting elsewhere"
+    )
+    f.add_argument(
+        "--no-content-length",
+        action="store_true",
+        help="send blob bodies chunked, without Content-Length",
+    )
     f.add_argument("--reject-all", action="store_true", help="answer every /v1 request with 401")
     return p
 
