@@ -494,6 +494,7 @@ def test_blob_rejects_authorization_forgery_and_expiry(dev_server: Start, tmp_pa
     assert fetch(with_query(sig="0" * 64)).status_code == 403
     assert fetch(with_query(expires=str(int(q["expires"]) + 10))).status_code == 403
     assert fetch(with_query(artifact=str(uuid.uuid4()))).status_code == 403
+    assert fetch(with_query(nonce="0" * 16)).status_code == 403
     no_sig = urlunsplit(parts._replace(query=""))
     assert fetch(no_sig).status_code == 403
     assert fetch(loc).status_code == 200  # the genuine link still works
@@ -812,6 +813,52 @@ def test_no_content_length(dev_server: Start, tmp_path: Path) -> None:
             r.read()
         srv.set_faults(no_content_length=False)
         assert blob.get(loc).headers["content-length"] == str(len(archive))
+
+
+def test_etag_change_after(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--etag-change-after", "2")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+        vid = c.get(f"/v1/artifacts/{art_id('art')}").json()["current_version_id"]
+    old = f'"{vid}"'
+    with httpx.Client(timeout=HTTP_TIMEOUT) as blob:
+        first = [blob.get(loc, headers={"Range": "bytes=0-99", "If-Range": old}) for _ in range(2)]
+        assert [(r.status_code, r.headers["etag"]) for r in first] == [(206, old)] * 2
+        r = blob.get(loc, headers={"Range": "bytes=0-99", "If-Range": old})
+        new = r.headers["etag"]
+        assert new != old and new.startswith('"') and new.endswith('"')
+        assert (r.status_code, r.content) == (200, archive)  # the old validator fails
+        for _ in range(2):  # replaced once: the new tag stays
+            r = blob.get(loc, headers={"Range": "bytes=0-99", "If-Range": new})
+            assert (r.status_code, r.headers["etag"], r.content) == (206, new, archive[:100])
+        assert blob.head(loc).headers["etag"] == new
+        srv.set_faults(etag_change_after=0)
+        assert blob.get(loc).headers["etag"] == old
+
+
+def test_link_expire_after(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(20_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path)
+    with srv.client() as c:
+        old = download_location(c, art_id("art"))
+        assert fetch(old).status_code == 200
+        srv.set_faults(link_expire_after=3)  # counting starts now, old links too
+        first = download_location(c, art_id("art"))
+        codes = [fetch(first, headers={"Range": f"bytes={i}-"}).status_code for i in range(4)]
+        assert codes == [206, 206, 403, 403]
+        r = fetch(first)
+        assert r.status_code == 403
+        assert b"<Code>AccessDenied</Code>" in r.content
+        assert b"Request has expired." in r.content
+        assert [fetch(old).status_code for _ in range(3)] == [200, 200, 403]
+        second = download_location(c, art_id("art"))  # a new link, even within the second
+        assert second != first
+        assert fetch(second, headers={"Range": "bytes=4-"}).content == archive[4:]
+        srv.set_faults(link_expire_after=0)
+        assert fetch(first).status_code == 200
 
 
 # --- stats ----------------------------------------------------------------------------------

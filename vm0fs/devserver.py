@@ -59,7 +59,14 @@ Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_de
     no_content_length  blob bodies (200 and 206) go out chunked (Transfer-Encoding: chunked),
                     without Content-Length; a cut one (truncate_blob) lacks its last chunk
 
-The Nth-request counter restarts whenever faults are posted or stats are reset.
+    etag_change_after  N (0 = off): after the first N blob requests that reach an object,
+                    every object has another ETag, as if replaced once (the bytes stay the same)
+    link_expire_after  N (0 = off): the Nth and later blob requests on one download link (each
+                    /download answer is a new link) answer 403 AccessDenied "Request has
+                    expired.", as an expired link does, so a client must ask for a new link
+
+The counters behind fail_every, throttle_every, etag_change_after and link_expire_after restart
+whenever faults are posted or stats are reset.
 
 Blob answers (GET or HEAD of a download link) always carry ETag (the version id, quoted),
 Content-Length and Accept-Ranges: bytes. Range follows RFC 9110: one `bytes=a-b`, `bytes=a-`
@@ -105,6 +112,7 @@ DEFAULT_LINK_TTL = 3600
 CHUNK = 64 * 1024
 SIDECAR = "artifact.json"
 MIN_PREFIX = 8
+MAX_LINKS = 10_000  # download links whose uses link_expire_after remembers
 
 FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "latency_ms": 0,
@@ -120,6 +128,8 @@ FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "range_ignored": False,
     "range_wrong": False,
     "no_content_length": False,
+    "etag_change_after": 0,
+    "link_expire_after": 0,
 }
 # Budget faults count down per request they hit; -1 means "always".
 _BUDGET_FAULTS = ("truncate_blob", "blob_fail")
@@ -520,6 +530,8 @@ class State:
         self.faults: dict[str, int | float | bool] = dict(FAULT_DEFAULTS)
         self.update_faults(faults)
         self._api_seq = 0
+        self._blob_seq = 0  # blob requests that reached an object, for etag_change_after
+        self._link_uses: dict[str, int] = {}  # link signature -> requests, for link_expire_after
         self._requests = dict.fromkeys(_STAT_ROUTES, 0)
         self._blob_bytes = 0
         self._blob_sending = 0  # blob bodies being sent right now
@@ -542,8 +554,13 @@ class State:
             clean[key] = value
         with self._lock:
             self.faults.update(clean)
-            self._api_seq = 0
+            self._restart_counters()
             return dict(self.faults)
+
+    def _restart_counters(self) -> None:
+        self._api_seq = 0
+        self._blob_seq = 0
+        self._link_uses = {}
 
     def fault(self, key: str) -> Any:
         with self._lock:
@@ -564,6 +581,27 @@ class State:
             fail_every > 0 and n % fail_every == 0,
             throttle_every > 0 and n % throttle_every == 0,
         )
+
+    def etag(self, version_id: str) -> str:
+        """Count one blob request that reached an object; return the object's ETag."""
+        with self._lock:
+            self._blob_seq += 1
+            after = int(self.faults["etag_change_after"])
+            replaced = 0 < after < self._blob_seq
+        return f'"{version_id}-2"' if replaced else f'"{version_id}"'
+
+    def link_expired(self, sig: str) -> bool:
+        """Count one request on the download link with this signature; True when it is the
+        link_expire_after-th or later."""
+        with self._lock:
+            after = int(self.faults["link_expire_after"])
+            if after <= 0:
+                return False
+            uses = self._link_uses.pop(sig, 0) + 1
+            self._link_uses[sig] = uses  # the most recently used last
+            if len(self._link_uses) > MAX_LINKS:
+                del self._link_uses[next(iter(self._link_uses))]
+        return uses >= after
 
     def take(self, key: str) -> bool:
         """Consume one unit of a budget fault (truncate_blob, blob_fail)."""
@@ -599,7 +637,7 @@ class State:
             self._requests = dict.fromkeys(_STAT_ROUTES, 0)
             self._blob_bytes = 0
             self._blob_peak = self._blob_sending
-            self._api_seq = 0
+            self._restart_counters()
 
     def pause(self, seconds: float) -> bool:
         """Sleep, unless the server stops first; True when it does."""
@@ -617,17 +655,21 @@ class App:
         self.secret = secrets.token_bytes(32)  # per process: links die with the server
         self.blob_origin = ""
 
-    def sign(self, artifact_id: str, version_id: str, expires: int) -> str:
-        msg = f"{version_id}\n{artifact_id}\n{expires}".encode()
+    def sign(self, artifact_id: str, version_id: str, expires: int, nonce: str) -> str:
+        msg = f"{version_id}\n{artifact_id}\n{expires}\n{nonce}".encode()
         return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()
 
     def link(self, artifact_id: str, version_id: str) -> str:
+        """A new link on every call (the nonce), even within one second: link_expire_after
+        counts the requests on each one."""
         expires = int(time.time()) + int(self.state.fault("link_ttl"))
+        nonce = secrets.token_hex(8)
         query = urlencode(
             {
                 "artifact": artifact_id,
                 "expires": expires,
-                "sig": self.sign(artifact_id, version_id, expires),
+                "nonce": nonce,
+                "sig": self.sign(artifact_id, version_id, expires, nonce),
             }
         )
         return f"{self.blob_origin}/blobs/{version_id}/archive.tar.gz?{query}"
@@ -924,15 +966,16 @@ class BlobHandler(BaseHandler):
         artifact_id = query.get("artifact", [""])[-1]
         expires = query.get("expires", [""])[-1]
         sig = query.get("sig", [""])[-1]
+        nonce = query.get("nonce", [""])[-1]
         if not m or not expires.isdigit():
             self.s3_error(403, "AccessDenied", "Request has invalid or missing signature.")
             return
         version_id = m[1]
-        good = self.app.sign(artifact_id, version_id, int(expires))
+        good = self.app.sign(artifact_id, version_id, int(expires), nonce)
         if not hmac.compare_digest(sig.encode(), good.encode()):
             self.s3_error(403, "SignatureDoesNotMatch", "The signature does not match.")
             return
-        if time.time() >= int(expires):
+        if time.time() >= int(expires) or state.link_expired(sig):
             self.s3_error(403, "AccessDenied", "Request has expired.")
             return
         path = self.app.store.locate(artifact_id, version_id)
@@ -966,7 +1009,7 @@ class BlobHandler(BaseHandler):
         state = self.app.state
         faults = state.get_faults()
         size = os.fstat(f.fileno()).st_size
-        etag = f'"{version_id}"'
+        etag = state.etag(version_id)
         try:
             rng = None if faults["range_ignored"] else self.wanted_range(size, etag)
         except RangeNotSatisfiable:
@@ -1089,6 +1132,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LINK_TTL,
         metavar="SECONDS",
         help="download link lifetime (0 = already expired)",
+    )
+    f.add_argument(
+        "--etag-change-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after N blob requests every ETag changes (0 = never)",
+    )
+    f.add_argument(
+        "--link-expire-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the Nth and later requests on a download link answer 403 (0 = never)",
     )
     f.add_argument("--camel-case", action="store_true", help="camelCase field names")
     f.add_argument(
