@@ -9,10 +9,12 @@ import os
 import random
 import signal
 import tarfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -62,6 +64,14 @@ def download_location(c: httpx.Client, aid: str, **params: str) -> str:
 
 def fetch(url: str, **kwargs: object) -> httpx.Response:
     return httpx.get(url, timeout=HTTP_TIMEOUT, **kwargs)  # type: ignore[arg-type]
+
+
+def poll(fn: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.05)
 
 
 def assert_error(r: httpx.Response, status: int, type_: str, code: str | None = None) -> dict:
@@ -594,12 +604,52 @@ def test_faults_endpoint(dev_server: Start, tmp_path: Path) -> None:
     assert faults["link_ttl"] == 3600 and faults["camel_case"] is False
     merged = srv.set_faults(bandwidth=1000)
     assert merged["bandwidth"] == 1000 and merged["reject_all"] is True
-    for bad in ({"nope": 1}, {"fail_every": "x"}, {"reject_all": 1}, {"fail_every": -1}):
+    merged = srv.set_faults(api_stall=-1, blob_stall_after=0, blob_trickle_ms=0.5)
+    assert (merged["api_stall"], merged["blob_stall_after"], merged["blob_trickle_ms"]) == (
+        -1, 0, 0.5
+    )
+    merged = srv.set_faults(api_stall=0, blob_stall_after=-1)
+    bad_faults = (
+        {"nope": 1},
+        {"fail_every": "x"},
+        {"reject_all": 1},
+        {"fail_every": -1},
+        {"blob_stall_after": -2},
+        {"api_stall": -2},
+        {"etag_change_after": -1},
+        {"range_wrong": 1},
+        {"blob_ttfb_ms": True},
+    )
+    for bad in bad_faults:
         r = httpx.post(srv.url + "/_dev/faults", json=bad, timeout=HTTP_TIMEOUT)
         assert_error(r, 400, "invalid_request_error")
     r = httpx.post(srv.url + "/_dev/faults", content=b"[1]", timeout=HTTP_TIMEOUT)
     assert r.status_code == 400
     assert srv.faults() == merged
+
+
+def test_object_store_fault_switches(dev_server: Start, tmp_path: Path) -> None:
+    defaults = devserver.FAULT_DEFAULTS
+    assert defaults["blob_stall_after"] == -1  # 0 is a stall right after the headers
+    assert [defaults[k] for k in ("blob_ttfb_ms", "blob_trickle_ms", "api_stall")] == [0, 0, 0]
+    srv = dev_server(
+        tmp_path,
+        *("--blob-ttfb-ms", "30", "--blob-stall-after", "0", "--blob-trickle-ms", "2.5"),
+        *("--api-stall", "2", "--etag-change-after", "3", "--link-expire-after", "4"),
+        *("--range-ignored", "--range-wrong", "--no-content-length"),
+    )
+    assert srv.faults() == {
+        **defaults,
+        "blob_ttfb_ms": 30,
+        "blob_stall_after": 0,
+        "blob_trickle_ms": 2.5,
+        "api_stall": 2,
+        "etag_change_after": 3,
+        "link_expire_after": 4,
+        "range_ignored": True,
+        "range_wrong": True,
+        "no_content_length": True,
+    }
 
 
 def test_fail_every(dev_server: Start, tmp_path: Path) -> None:
@@ -861,6 +911,251 @@ def test_link_expire_after(dev_server: Start, tmp_path: Path) -> None:
         assert fetch(first).status_code == 200
 
 
+# --- hostile servers: stalls and trickles -------------------------------------------------------
+
+# Reads give up after 2 s: "the stall did not end within 2 s".
+PATIENT = httpx.Timeout(HTTP_TIMEOUT, read=2.0)
+
+
+def read_until_stuck(r: httpx.Response, got: bytearray) -> None:
+    """Read r into got until the server has sent nothing for PATIENT's read timeout."""
+    with pytest.raises(httpx.ReadTimeout):
+        for chunk in r.iter_raw():
+            got += chunk
+
+
+def test_blob_stall_after(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(200_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--blob-stall-after", "1000")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    got = bytearray()
+    with (
+        httpx.Client(timeout=PATIENT) as blob,
+        blob.stream("GET", loc, headers={"Range": "bytes=100-"}) as r,
+    ):
+        assert r.status_code == 206
+        assert r.headers["content-length"] == str(len(archive) - 100)  # all of it promised
+        poll(lambda: srv.stats()["held"] == 1, 10, "a held answer")
+        read_until_stuck(r, got)
+    assert bytes(got) == archive[100:1100]
+    poll(lambda: srv.stats()["held"] == 0, 10, "end of the hold once the client left")
+    # A body of N bytes or less goes out whole; HEAD has no body to stall.
+    assert fetch(loc, headers={"Range": "bytes=0-999"}).content == archive[:1000]
+    assert fetch(loc, headers={"Range": "bytes=-10"}).content == archive[-10:]
+    assert httpx.head(loc, timeout=PATIENT).status_code == 200
+    srv.set_faults(blob_stall_after=0)  # headers only
+    got = bytearray()
+    with httpx.Client(timeout=PATIENT) as blob, blob.stream("GET", loc) as r:
+        assert r.status_code == 200
+        read_until_stuck(r, got)
+    assert got == b""
+    srv.set_faults(blob_stall_after=-1)
+    assert fetch(loc).content == archive
+
+
+def test_stopping_does_not_wait_for_held_answers(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(50_000))
+    srv = dev_server(tmp_path, "--blob-stall-after", "0")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    srv.set_faults(api_stall=-1)
+    outcome: list[BaseException] = []
+
+    def stalled_api_call() -> None:
+        try:
+            with srv.client() as c:
+                c.get("/v1/artifacts")
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=stalled_api_call, daemon=True)
+    caller.start()
+    try:
+        with httpx.Client(timeout=HTTP_TIMEOUT) as blob, blob.stream("GET", loc) as r:
+            assert r.status_code == 200
+            poll(lambda: srv.stats()["held"] == 2, 10, "two held answers")
+            began = time.monotonic()
+            assert srv.stop() == 0  # SIGTERM was enough: no SIGKILL after 10 s
+            assert time.monotonic() - began < 5
+            with pytest.raises(httpx.RemoteProtocolError):  # closed, not left hanging
+                r.read()
+    finally:
+        caller.join(HTTP_TIMEOUT + 5)
+    assert not caller.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.RemoteProtocolError)
+
+
+def test_blob_trickle_ms(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(50_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    srv = dev_server(tmp_path, "--blob-trickle-ms", "20", "--bandwidth", "100000000")
+    with srv.client() as c:
+        loc = download_location(c, art_id("art"))
+    began = time.monotonic()
+    r = fetch(loc, headers={"Range": "bytes=10-19"})
+    assert (r.status_code, r.content) == (206, archive[10:20])
+    assert time.monotonic() - began >= 0.15  # 9 gaps of 20 ms
+    # The whole body: bytes keep coming (no read timeout), but slowly.
+    got = bytearray()
+    srv.reset()
+    timeout = httpx.Timeout(HTTP_TIMEOUT, read=1.0)
+    with httpx.Client(timeout=timeout) as blob, blob.stream("GET", loc) as r:
+        assert r.headers["content-length"] == str(len(archive))
+        began = time.monotonic()
+        for chunk in r.iter_raw():
+            got += chunk
+            if time.monotonic() - began > 1.5:
+                break
+        assert srv.stats()["blob_peak"] == 1
+    assert 10 <= len(got) < 1000  # about 75
+    assert bytes(got) == archive[: len(got)]
+
+    def sending() -> int:
+        srv.reset()  # blob_peak restarts from the bodies being sent right now
+        return srv.stats()["blob_peak"]
+
+    poll(lambda: sending() == 0, 10, "end of the trickle once the client left")
+    srv.set_faults(blob_trickle_ms=0)
+    assert fetch(loc).content == archive
+
+
+def test_api_stall(dev_server: Start, tmp_path: Path) -> None:
+    one_artifact(tmp_path)
+    srv = dev_server(tmp_path, "--api-stall", "1")
+    with srv.client(timeout=PATIENT) as c, pytest.raises(httpx.ReadTimeout):
+        c.get("/v1/artifacts")  # the stall did not end within 2 s
+    poll(lambda: srv.stats()["held"] == 0, 10, "end of the hold once the client left")
+    assert srv.stats()["requests"]["list_artifacts"] == 1  # it did arrive
+    assert srv.faults()["api_stall"] == 0  # the budget of one is spent
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+    srv.set_faults(api_stall=-1)
+    outcome: list[BaseException] = []
+
+    def stalled(path: str, auth: bool) -> None:
+        try:
+            with srv.client(auth=auth, timeout=httpx.Timeout(HTTP_TIMEOUT, read=3.0)) as c:
+                c.get(path)
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    callers = [
+        threading.Thread(target=stalled, args=args, daemon=True)
+        for args in ((f"/v1/artifacts/{art_id('art')}/download", True), ("/v1/artifacts", False),
+                     ("/v1/nope", True))
+    ]
+    for t in callers:
+        t.start()
+    try:
+        # The control routes keep working meanwhile.
+        poll(lambda: srv.stats()["held"] == 3, 10, "three held answers")
+        assert srv.faults()["api_stall"] == -1
+    finally:
+        for t in callers:
+            t.join(HTTP_TIMEOUT)
+    assert not any(t.is_alive() for t in callers)
+    assert len(outcome) == 3 and all(isinstance(e, httpx.ReadTimeout) for e in outcome)
+    srv.set_faults(api_stall=0)
+    with srv.client() as c:
+        assert c.get("/v1/artifacts").status_code == 200
+
+
+# --- the hold limit, in process -------------------------------------------------------------
+
+
+@contextmanager
+def in_process(data: Path) -> Iterator[tuple[str, devserver.State]]:
+    """The two servers in threads of this process; yields (API URL, state)."""
+    state = devserver.State({})
+    app = devserver.App(devserver.Store(data), state, "dev-token")
+    api = devserver._make_server("127.0.0.1", 0, devserver.ApiHandler, app)
+    blobs = devserver._make_server("127.0.0.1", 0, devserver.BlobHandler, app)
+    app.blob_origin = f"http://127.0.0.1:{blobs.server_address[1]}"
+    threads = [
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        for s in (api, blobs)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        yield f"http://127.0.0.1:{api.server_address[1]}", state
+    finally:
+        state.stopping.set()
+        for s in (api, blobs):
+            s.shutdown()
+            s.server_close()
+        for t in threads:
+            t.join(10)
+
+
+def test_hold_limit_ends_stalls_and_trickles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devserver, "HOLD_LIMIT", 1.0)
+    one_artifact(tmp_path, content=big_archive(50_000))
+    archive = (tmp_path / "art" / "v1.tar.gz").read_bytes()
+    with in_process(tmp_path) as (url, state), httpx.Client(
+        base_url=url, headers={"Authorization": "Bearer dev-token"}, timeout=HTTP_TIMEOUT
+    ) as c:
+        loc = download_location(c, art_id("art"))
+        state.update_faults({"api_stall": -1})
+        began = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):  # closed unanswered after the limit
+            c.get("/v1/artifacts")
+        assert 0.9 <= time.monotonic() - began < HTTP_TIMEOUT
+        for faults in ({"blob_stall_after": 10}, {"blob_trickle_ms": 50}):
+            state.update_faults({"api_stall": 0, "blob_stall_after": -1, "blob_trickle_ms": 0})
+            state.update_faults(faults)
+            got = bytearray()
+            began = time.monotonic()
+            with (
+                httpx.Client(timeout=HTTP_TIMEOUT) as blob,
+                blob.stream("GET", loc) as r,
+                pytest.raises(httpx.RemoteProtocolError),  # cut short after the limit
+            ):
+                for chunk in r.iter_raw():
+                    got += chunk
+            assert 0.9 <= time.monotonic() - began < HTTP_TIMEOUT, faults
+            assert 0 < len(got) < 1000 and bytes(got) == archive[: len(got)], faults
+        poll(lambda: state.stats()["held"] == 0, 10, "no held answer")
+
+
+def test_stopping_ends_held_answers_in_process(tmp_path: Path) -> None:
+    one_artifact(tmp_path, content=big_archive(50_000))
+    outcome: list[BaseException] = []
+    with in_process(tmp_path) as (url, state):
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer dev-token"}) as c:
+            loc = download_location(c, art_id("art"))
+        state.update_faults({"api_stall": -1, "blob_trickle_ms": 100})
+
+        def call(fn: Callable[[], object]) -> threading.Thread:
+            def run() -> None:
+                try:
+                    fn()
+                except httpx.HTTPError as exc:
+                    outcome.append(exc)
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            return t
+
+        callers = [
+            call(lambda: httpx.get(url + "/v1/artifacts", timeout=HTTP_TIMEOUT)),
+            call(lambda: httpx.get(loc, timeout=HTTP_TIMEOUT)),
+        ]
+        poll(lambda: state.stats()["held"] == 1 and state.stats()["blob_bytes"] > 0, 10,
+             "a held API answer and a trickle")
+        state.stopping.set()  # what main() does first when it stops
+        for t in callers:
+            t.join(5)
+        assert not any(t.is_alive() for t in callers)
+        assert len(outcome) == 2
+        assert all(isinstance(e, httpx.RemoteProtocolError) for e in outcome)
+        assert state.stats()["held"] == 0
+
+
 # --- stats ----------------------------------------------------------------------------------
 
 
@@ -874,6 +1169,7 @@ def test_stats_counting_and_reset(dev_server: Start, tmp_path: Path) -> None:
         ),
         "blob_bytes": 0,
         "blob_peak": 0,
+        "held": 0,
     }
     assert srv.stats() == zero
     with srv.client() as c:

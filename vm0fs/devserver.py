@@ -35,50 +35,68 @@ archive tarfile cannot read is still served, as file_count 1 and size = its byte
 version with file_count 0 (an empty archive) cannot be downloaded (404), as on the service.
 Write new archives under a name not ending in .tar.gz and rename them into place.
 
-Faults (each a --kebab-case switch, and readable / mergeable at runtime via /_dev/faults):
+Faults: each has a --kebab-case switch and a key of the same name (snake_case) in
+/_dev/faults, where it can be read and changed at runtime. ms = milliseconds, N = a count.
+Budget faults (truncate_blob, blob_fail, api_stall) count down by one for each request they
+hit; -1 = every request, 0 = off.
 
-    latency_ms      extra delay (ms) before every /v1 and blob answer (not /_dev)
-    blob_ttfb_ms    time to first byte (ms) of every blob answer, errors included: the delay
-                    before its status line, on top of latency_ms; /v1 answers are not delayed
-    fail_every      every Nth authenticated /v1 request answers 500 api_error
-    throttle_every  every Nth authenticated /v1 request answers 429 with Retry-After: 1
-    truncate_blob   the next N blob GETs send full headers, about half the body, then hang up
-                    (-1 = every one)
-    blob_fail       the next N blob requests answer 500 (-1 = every one)
-    bandwidth       bytes per second, a cap per blob response (0 = unlimited): each body is
-                    paced on its own from its first byte, and HTTP/1.1 sends one response at a
-                    time on a connection, so it caps each connection, as one stream to an object
-                    store is capped; K ranged GETs in flight get K times the rate together
-    link_ttl        lifetime of download links in seconds (default 3600; 0 = already expired)
-    camel_case      serve camelCase field names, like the service's later release
-    reject_all      every /v1 request answers 401, like a revoked key
-    range_ignored   blob GETs ignore Range (and If-Range): 200 and the whole body
-    range_wrong     a satisfiable Range gets a 206 starting one byte later than asked (one byte
-                    earlier when one byte was asked, byte 1 for byte 0), with the Content-Range,
-                    Content-Length and bytes of what is sent
-    no_content_length  blob bodies (200 and 206) go out chunked (Transfer-Encoding: chunked),
-                    without Content-Length; a cut one (truncate_blob) lacks its last chunk
+  The API origin (/v1; the /_dev routes are never delayed, failed or stalled):
+    latency_ms         ms before every /v1 and every blob answer
+    fail_every         N: every Nth authenticated /v1 request answers 500 api_error
+    throttle_every     N: every Nth authenticated /v1 request answers 429, Retry-After: 1
+    reject_all         every /v1 request answers 401, like a revoked key
+    camel_case         serve camelCase field names, like the service's later release
+    link_ttl           seconds download links live (default 3600; 0 = already expired)
+    api_stall          budget: /v1 requests (any route, with a key or not) are read and
+                       never answered, the connection held (see below), as by a hung API
 
-    etag_change_after  N (0 = off): after the first N blob requests that reach an object,
-                    every object has another ETag, as if replaced once (the bytes stay the same)
+  The blob origin (the object store):
+    blob_ttfb_ms       ms to first byte of every blob answer, errors included: the delay before
+                       its status line, on top of latency_ms (/v1 is not delayed by it)
+    bandwidth          bytes per second, a cap per blob response (0 = unlimited). Each body is
+                       paced on its own from its first byte, and HTTP/1.1 sends one response at
+                       a time on a connection, so this caps each connection, as one stream to an
+                       object store is capped: K ranged GETs in flight get K times the rate
+    blob_trickle_ms    ms between bytes: every blob body goes out one byte at a time, this far
+                       apart (0 = off; overrides bandwidth); one that would outlast the hold
+                       limit is cut there and its connection closed
+    blob_stall_after   bytes (-1 = off, the default): every blob GET sends its headers and the
+                       first N bytes of its body (0 = headers only), then nothing more, the
+                       connection held (see below); a body of N bytes or less goes out whole
+    truncate_blob      budget: blob GETs send full headers, about half the body, then hang up
+    blob_fail          budget: blob requests answer 500 InternalError
+    range_ignored      blob GETs ignore Range (and If-Range): 200 and the whole body
+    range_wrong        a satisfiable Range gets a 206 starting one byte later than asked (one
+                       byte earlier when one byte was asked, byte 1 for byte 0), its
+                       Content-Range, Content-Length and bytes those of what is sent
+    no_content_length  200 and 206 blob answers carry no Content-Length: the body goes out
+                       chunked (Transfer-Encoding: chunked); a cut one lacks its last chunk
+    etag_change_after  N (0 = off): after the first N blob requests that reach an object, every
+                       object has another ETag, as if replaced once (the bytes stay the same)
     link_expire_after  N (0 = off): the Nth and later blob requests on one download link (each
-                    /download answer is a new link) answer 403 AccessDenied "Request has
-                    expired.", as an expired link does, so a client must ask for a new link
+                       /download answer is a new link) answer 403 AccessDenied "Request has
+                       expired.", as an expired link does, so a client must ask for a new link
 
 The counters behind fail_every, throttle_every, etag_change_after and link_expire_after restart
 whenever faults are posted or stats are reset.
 
-Blob answers (GET or HEAD of a download link) always carry ETag (the version id, quoted),
-Content-Length and Accept-Ranges: bytes. Range follows RFC 9110: one `bytes=a-b`, `bytes=a-`
-or suffix `bytes=-n` gets 206 with `Content-Range: bytes a-b/size` (an end past the object is
-cut to it); a range starting at or past the end, or `bytes=-0`, gets 416 with
-`Content-Range: bytes */size`; an unparseable or multi-range header is ignored (200, the whole
-body), as the RFC allows, and so is any Range whose If-Range is not the current ETag (a date or
-a weak tag never matches).
+Held connections (api_stall, blob_stall_after): the server sends nothing more and keeps the
+connection open until the client closes it, the server stops, or HOLD_LIMIT (10 minutes) has
+passed since the answer began; then it closes the connection. Stopping the server never waits
+for a held or trickled answer. Posting faults does not release answers already held.
 
-Control routes (API origin, no auth): GET /_dev/stats (request counts, blob bytes sent, and
-blob_peak: the most blob bodies sent at once), POST /_dev/reset (zero the stats),
-GET /_dev/faults, POST /_dev/faults (JSON object merged into the current faults).
+Blob answers (GET or HEAD of a download link) carry ETag (the version id, quoted),
+Content-Length (unless no_content_length) and Accept-Ranges: bytes. Range follows RFC 9110: one
+`bytes=a-b`, `bytes=a-` or suffix `bytes=-n` gets 206 with `Content-Range: bytes a-b/size` (an
+end past the object is cut to it); a range starting at or past the end, or `bytes=-0`, gets
+416 with `Content-Range: bytes */size`; an unparseable or multi-range header is ignored (200,
+the whole body), as the RFC allows, and so is any Range whose If-Range is not the current ETag
+(a date or a weak tag never matches: no Last-Modified is sent).
+
+Control routes (API origin, no auth): GET /_dev/stats (request counts, blob bytes sent,
+blob_peak: the most blob bodies sent at once, and held: answers held open right now),
+POST /_dev/reset (zero the stats; blob_peak restarts from the bodies being sent), GET
+/_dev/faults, POST /_dev/faults (JSON object merged into the current faults).
 """
 
 from __future__ import annotations
@@ -112,11 +130,15 @@ DEFAULT_LINK_TTL = 3600
 CHUNK = 64 * 1024
 SIDECAR = "artifact.json"
 MIN_PREFIX = 8
+HOLD_LIMIT = 600.0  # seconds: the longest a stalled or trickled answer keeps its thread
 MAX_LINKS = 10_000  # download links whose uses link_expire_after remembers
 
 FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "latency_ms": 0,
     "blob_ttfb_ms": 0,
+    "blob_stall_after": -1,
+    "blob_trickle_ms": 0,
+    "api_stall": 0,
     "fail_every": 0,
     "throttle_every": 0,
     "truncate_blob": 0,
@@ -132,8 +154,9 @@ FAULT_DEFAULTS: dict[str, int | float | bool] = {
     "link_expire_after": 0,
 }
 # Budget faults count down per request they hit; -1 means "always".
-_BUDGET_FAULTS = ("truncate_blob", "blob_fail")
-_MS_FAULTS = ("latency_ms", "blob_ttfb_ms")  # may be fractional
+_BUDGET_FAULTS = ("truncate_blob", "blob_fail", "api_stall")
+_MINUS_ONE_OK = (*_BUDGET_FAULTS, "blob_stall_after")  # -1 = off for blob_stall_after
+_MS_FAULTS = ("latency_ms", "blob_ttfb_ms", "blob_trickle_ms")  # may be fractional
 _STAT_ROUTES = ("list_artifacts", "get_artifact", "list_versions", "download", "blob")
 
 T = TypeVar("T")
@@ -536,6 +559,7 @@ class State:
         self._blob_bytes = 0
         self._blob_sending = 0  # blob bodies being sent right now
         self._blob_peak = 0  # the most at once since the last reset
+        self._held = 0  # answers held open right now (api_stall, blob_stall_after)
 
     def update_faults(self, patch: dict[str, Any]) -> dict[str, int | float | bool]:
         clean: dict[str, int | float | bool] = {}
@@ -547,7 +571,7 @@ class State:
                     raise bad_request(f"Fault '{key}' must be true or false", key)
             elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise bad_request(f"Fault '{key}' must be a number", key)
-            elif value < (-1 if key in _BUDGET_FAULTS else 0):
+            elif value < (-1 if key in _MINUS_ONE_OK else 0):
                 raise bad_request(f"Fault '{key}' is out of range", key)
             elif key not in _MS_FAULTS or float(value).is_integer():
                 value = int(value)
@@ -627,10 +651,14 @@ class State:
             self._blob_sending += delta
             self._blob_peak = max(self._blob_peak, self._blob_sending)
 
+    def holding(self, delta: int) -> None:
+        with self._lock:
+            self._held += delta
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": dict(self._requests), "blob_bytes": self._blob_bytes,
-                    "blob_peak": self._blob_peak}
+                    "blob_peak": self._blob_peak, "held": self._held}
 
     def reset(self) -> None:
         with self._lock:
@@ -727,6 +755,29 @@ class BaseHandler(BaseHTTPRequestHandler):
     def send_error_json(self, err: HttpError) -> None:
         self.send_json(err.status, err.body(), err.headers)
 
+    def hold(self, until: float) -> None:
+        """Answer nothing more: keep the connection open until the client closes it, the server
+        stops, or time.monotonic() reaches `until`; then close it."""
+        self.close_connection = True
+        state = self.app.state
+        sock = self.connection
+        state.holding(1)
+        try:
+            while not state.stopping.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                sock.settimeout(min(0.25, left))
+                try:
+                    if not sock.recv(CHUNK):
+                        return  # the client went away (whatever it sends meanwhile is dropped)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+        finally:
+            state.holding(-1)
+
     def do_GET(self) -> None:
         self.dispatch()
 
@@ -745,8 +796,8 @@ class BaseHandler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         try:
             self.read_body_and_route()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away, or stopped reading for `timeout`
         except Exception as exc:  # a bug here must not kill the thread silently
             sys.stderr.write(f"vm0fs dev-server: internal error: {exc!r}\n")
             try:
@@ -766,12 +817,12 @@ _V1 = [
 ]
 
 
-def _match_v1(path: str) -> tuple[str, re.Match[str]]:
+def _match_v1(path: str) -> tuple[str, re.Match[str]] | None:
     for route, pattern in _V1:
         m = pattern.fullmatch(path)
         if m:
             return route, m
-    raise not_found(f"Unknown route: '{path}'")
+    return None
 
 
 def _query_limit(query: dict[str, list[str]]) -> tuple[int, str | None]:
@@ -803,8 +854,15 @@ class ApiHandler(BaseHandler):
 
     def v1(self, path: str, query: dict[str, list[str]]) -> None:
         state = self.app.state
-        route, m = _match_v1(path)
-        state.count(route)
+        matched = _match_v1(path)
+        if matched:
+            state.count(matched[0])
+        if state.take("api_stall"):
+            self.hold(time.monotonic() + HOLD_LIMIT)
+            return
+        if not matched:
+            raise not_found(f"Unknown route: '{path}'")
+        route, m = matched
         if self.command not in ("GET", "HEAD"):
             raise HttpError(
                 405,
@@ -1035,27 +1093,41 @@ class BlobHandler(BaseHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        until = time.monotonic() + HOLD_LIMIT  # for a trickle or a stall
         budget = length
         if state.take("truncate_blob"):
             budget = length // 2
             self.close_connection = True  # the client sees EOF before Content-Length
-        bandwidth = int(faults["bandwidth"])
-        # Small chunks under a bandwidth cap keep the pacing smooth (about 10 writes a second).
-        chunk = min(CHUNK, max(1, bandwidth // 10)) if bandwidth > 0 else CHUNK
+        stall_after = int(faults["blob_stall_after"])
+        stall = 0 <= stall_after < budget
+        if stall:
+            budget = stall_after
         f.seek(start)
         state.sending_blob(1)
         try:
-            sent = self._send_body(f, budget, chunk, bandwidth, chunked)
-            if chunked and sent == length:
+            sent = self._send_body(f, budget, faults, chunked, until)
+            if stall and sent == budget:
+                self.hold(until)
+            elif chunked and sent == length:
                 self.wfile.write(b"0\r\n\r\n")  # a cut chunked body never gets its last chunk
         finally:
             state.sending_blob(-1)
 
     def _send_body(
-        self, f: BinaryIO, budget: int, chunk: int, bandwidth: int, chunked: bool
+        self, f: BinaryIO, budget: int, faults: dict[str, Any], chunked: bool, until: float
     ) -> int:
-        """Send up to `budget` bytes from f; return how many went out."""
+        """Send up to `budget` bytes from f, paced by bandwidth or blob_trickle_ms; return how
+        many went out."""
         state = self.app.state
+        bandwidth = int(faults["bandwidth"])
+        trickle = float(faults["blob_trickle_ms"]) / 1000
+        if trickle > 0:
+            chunk = 1
+        elif bandwidth > 0:
+            # Small chunks under a bandwidth cap keep the pacing smooth (about 10 writes a second).
+            chunk = min(CHUNK, max(1, bandwidth // 10))
+        else:
+            chunk = CHUNK
         sent = 0
         began = time.monotonic()
         while sent < budget:
@@ -1066,7 +1138,11 @@ class BlobHandler(BaseHandler):
             self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
             sent += len(data)
             state.add_blob_bytes(len(data))
-            if bandwidth > 0 and state.pause(began + sent / bandwidth - time.monotonic()):
+            if trickle > 0:
+                if sent < budget and (state.pause(trickle) or time.monotonic() >= until):
+                    self.close_connection = True  # the server stops, or the trickle is too long
+                    break
+            elif bandwidth > 0 and state.pause(began + sent / bandwidth - time.monotonic()):
                 self.close_connection = True  # the server stops
                 break
         return sent
@@ -1146,6 +1222,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="the Nth and later requests on a download link answer 403 (0 = never)",
+    )
+    f.add_argument(
+        "--blob-stall-after",
+        type=int,
+        default=-1,
+        metavar="BYTES",
+        help="blob bodies stop after BYTES, the connection held open (-1 = off)",
+    )
+    f.add_argument(
+        "--blob-trickle-ms",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="blob bodies go out a byte at a time, MS apart (0 = off)",
+    )
+    f.add_argument(
+        "--api-stall",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the next N /v1 requests are never answered (-1 = all)",
     )
     f.add_argument("--camel-case", action="store_true", help="camelCase field names")
     f.add_argument(
