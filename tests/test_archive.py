@@ -24,6 +24,7 @@ from vm0fs.archive import (
     scan_members,
 )
 from vm0fs.errors import ArchiveError, ArchiveTooLarge
+from vm0fs.integrity import BLOCK
 
 
 def make_tar(entries: list[tuple[tarfile.TarInfo, bytes | None]],
@@ -207,11 +208,14 @@ def test_members_are_published_before_the_archive_ends(tmp_path: Path) -> None:
     parser = threading.Thread(
         target=scan_members, args=(GrowingFile(fd, progress, lambda: None), emit))
     parser.start()
-    progress.advance(sink.feed(archive[:3000]))  # enough for the first header and its data
+    # Enough for the first checked block (the first header and its data are in it); the
+    # bytes of a block are visible once the whole block is under its checksum.
+    head = BLOCK + 3000
+    progress.advance(sink.feed(archive[:head]))
     assert seen.wait(10)
     assert members[0].path == "first.txt"
     assert progress.durable < len(tar)  # the rest has not arrived yet
-    progress.advance(sink.feed(archive[3000:]))
+    progress.advance(sink.feed(archive[head:]))
     progress.advance(sink.finish())
     progress.end()
     parser.join(10)

@@ -23,6 +23,7 @@ from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
 from vm0fs.errors import ArchiveError, NotFound, Unauthorized, Unavailable
 from vm0fs.fs import CONTENT_TIMEOUT, Operations, folder_names, safe_name
+from vm0fs.integrity import BLOCK
 from vm0fs.meta import Listings
 from vm0fs.tree import InodeTable
 from vm0fs.versions import VersionStore
@@ -317,7 +318,7 @@ def test_contents_and_kernel_timeouts(tmp_path: Path) -> None:
 
 def test_reads_are_served_while_the_archive_streams(tmp_path: Path) -> None:
     client = FakeClient()
-    client.chunk = 1024
+    client.chunk = 2 * BLOCK  # the first chunk holds the first checked block
     client.add("a1", "big", [tar_gz({"first.txt": b"early bird",
                                      "rest.bin": os.urandom(400_000)})])
     client.gate = trio.Event()
@@ -550,7 +551,7 @@ def test_control_folder_status_and_info(tmp_path: Path) -> None:
 
 def test_status_shows_downloads_in_progress_and_errors(tmp_path: Path) -> None:
     client = FakeClient()
-    client.chunk = 1024
+    client.chunk = 2 * BLOCK  # the first chunk holds the first checked block
     client.add("a1", "big", [tar_gz({"first.txt": b"x", "rest.bin": os.urandom(200_000)})])
     client.gate = trio.Event()
 
@@ -591,7 +592,7 @@ def test_extended_attributes_are_opt_in(tmp_path: Path, enabled: bool) -> None:
 @pytest.mark.timeout(30)
 def test_unmount_during_a_download_ends_promptly(tmp_path: Path) -> None:
     client = FakeClient()
-    client.chunk = 1024
+    client.chunk = 2 * BLOCK  # the first chunk holds the first checked block
     client.add("a1", "big", [tar_gz({"first.txt": b"x", "rest.bin": os.urandom(200_000)})])
     client.gate = trio.Event()  # never set: the download hangs after its first chunk
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vm0fs.archive import DIR, FILE, LINK, Member
+from vm0fs.integrity import BlockSums, digest
 from vm0fs.tree import (
     ROOT_ENTRY,
     BadIndex,
@@ -106,13 +107,21 @@ def random_members(rng: random.Random) -> list[Member]:
     return members
 
 
+def sums_of(size: int) -> BlockSums:
+    """The block checksums of a tar file of `size` zero bytes."""
+    sums = BlockSums()
+    sums.add(bytes(size))
+    sums.finish(size)
+    return sums
+
+
 def test_builder_and_saved_index_match_the_model() -> None:
     for seed in range(300):
         members = random_members(random.Random(seed))
         builder = TreeBuilder(T - 1)
         for m in members:
             builder.add(m)
-        saved = TreeIndex(builder.to_bytes(12345))
+        saved = TreeIndex(builder.to_bytes(sums_of(12345)))
         expected = normalized(model(members))
         assert walk(saved, ROOT_ENTRY) == expected, seed
         # The saved form keeps every entry's number and data, replaced ones included.
@@ -126,7 +135,7 @@ def test_builder_and_saved_index_match_the_model() -> None:
         again = TreeBuilder(T - 1)
         for m in members:
             again.add(m)
-        assert again.to_bytes(12345) == builder.to_bytes(12345)
+        assert again.to_bytes(sums_of(12345)) == builder.to_bytes(sums_of(12345))
 
 
 def test_folder_replaced_by_a_file_then_needed_again() -> None:
@@ -136,7 +145,7 @@ def test_folder_replaced_by_a_file_then_needed_again() -> None:
     for m in [Member("a/b/x", FILE, 0o644, T, 1, 512), Member("a", FILE, 0o600, T, 2, 1024),
               Member("a/b/y", FILE, 0o644, T, 3, 1536)]:
         builder.add(m)
-    index = TreeIndex(builder.to_bytes(0))
+    index = TreeIndex(builder.to_bytes(sums_of(0)))
     assert index.count == 8  # root, a, b, x, file a, a again, b again, y
     assert index.find(ROOT_ENTRY, "a") == 5 and index.find(5, "b") == 6
     assert [n for n, _ in index.children(6)] == [b"y"]
@@ -156,22 +165,35 @@ def test_hard_link_targets_resolve_to_the_member_now_at_a_path() -> None:
 
 
 def test_hostile_numbers_are_clamped() -> None:
-    index = build_index([Member("f", FILE, 0o644, 10**40, 1 << 70, 512)], T, 0)
+    index = build_index([Member("f", FILE, 0o644, 10**40, 1 << 70, 512)], T)
     f = index.find(ROOT_ENTRY, "f")
     assert index.size(f) == (1 << 63) - 1 and index.mtime(f) == (1 << 63) - 1
 
 
 def test_damaged_index_files_are_refused(tmp_path: Path) -> None:
-    good = build_index([Member("f", FILE, 0o644, T, 5, 512)], T, 1024)
+    good = build_index([Member("f", FILE, 0o644, T, 5, 512)], T, bytes(1024))
     data = bytes(good._buf)
     names = int.from_bytes(data[32:40], "little")
     wrong_names = data[:32] + (names + 1).to_bytes(8, "little") + data[40:]
-    for bad in (b"", data[:40], b"X" + data[1:], data[:-8], wrong_names):
+    for bad in (b"", data[:40], b"X" + data[1:], data[:-8], data + bytes(8), wrong_names):
         with pytest.raises(BadIndex):
             TreeIndex(bad)
+    # Any one bit flipped anywhere: the checksum says so (a bit in an offset or a size would
+    # otherwise serve another file's bytes).
+    for i in range(len(data)):
+        for bit in (0, 7):
+            flipped = bytearray(data)
+            flipped[i] ^= 1 << bit
+            with pytest.raises(BadIndex):
+                TreeIndex(bytes(flipped))
     path = tmp_path / "index.bin"
     path.write_bytes(data)
-    assert TreeIndex.open(path).tar_size == 1024
+    index = TreeIndex.load(path)
+    assert index.tar_size == 1024
+    assert index.block_sums().sums[0] == digest(bytes(1024))
+    path.write_bytes(data[:len(data) // 2])  # truncated on disk: refused, not a crash
+    with pytest.raises(BadIndex):
+        TreeIndex.load(path)
 
 
 def test_inode_ranges() -> None:

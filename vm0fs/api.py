@@ -38,6 +38,12 @@ DEFAULT_BASE_URL = "https://api.vm0.ai"
 PAGE_LIMIT = 100  # the service's maximum page size
 MAX_PAGES = 10_000
 CHUNK_SIZE = 256 * 1024
+HOLD_TIME = 0.2  # seconds a download holds bytes back to make a whole chunk
+# Bounded waits (the README's "Failure behaviour" lists them):
+CONNECT_TIMEOUT = 5.0  # to open a connection
+REQUEST_TIMEOUT = 10.0  # for an answer's headers, and for a whole JSON answer
+SPEED_LIMIT, SPEED_TIME = 16 << 10, 10.0  # a download brings 16 KiB every 10 s, or is retried
+PROGRESS_RESET = 1 << 20  # an attempt that brought this much gives the next a fresh budget
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T", "Artifact", "Version")
@@ -229,26 +235,50 @@ def _content_length(resp: httpx.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-async def _raw_chunks(resp: httpx.Response, size: int) -> AsyncIterator[bytes]:
+class _Stalled(Exception):
+    """The body brought fewer than the low-speed limit in the low-speed time."""
+
+
+async def _raw_chunks(resp: httpx.Response, size: int, speed_limit: int = 1, speed_time: float = 0,
+                      ) -> AsyncIterator[bytes]:
     """The body as sent (no Content-Encoding decoding, so Range offsets match), in chunks of
-    about `size` bytes. Bytes already received are handed over before a break is raised, so
-    a resume never fetches them again (httpx's own chunker would drop them)."""
+    about `size` bytes (or what came in the last moment, on a slow link). Bytes already
+    received are handed over before a break is raised, so a resume never fetches them again
+    (httpx's own chunker would drop them).
+
+    Like curl's --speed-limit/--speed-time, a body that takes longer than `speed_time` seconds
+    to bring each next `speed_limit` bytes raises _Stalled (a stall or a trickle)."""
     if resp.is_stream_consumed:  # already read (e.g. a mock built from bytes)
         for i in range(0, len(resp.content), size):
             yield resp.content[i : i + size]
         return
     pieces: list[bytes] = []
-    held = 0
-    broke: httpx.TransportError | None = None
+    held = total = marked = 0
+    mark = held_since = trio.current_time()
+    broke: BaseException | None = None
     try:
         async with aclosing(resp.aiter_raw()) as raw:
-            async for piece in raw:
+            while True:
+                timeout = mark + speed_time - trio.current_time() if speed_time else math.inf
+                with trio.move_on_after(max(timeout, 0)) as scope:
+                    try:
+                        piece = await anext(raw)
+                    except StopAsyncIteration:
+                        break
+                if scope.cancelled_caught:
+                    raise _Stalled(f"fewer than {speed_limit} bytes in {speed_time:g} s")
+                now = trio.current_time()
+                total += len(piece)
+                if total - marked >= speed_limit:
+                    mark, marked = now, total
+                if not pieces:
+                    held_since = now
                 pieces.append(piece)
                 held += len(piece)
-                if held >= size:
+                if held >= size or now - held_since >= HOLD_TIME:
                     yield b"".join(pieces)
                     pieces, held = [], 0
-    except httpx.TransportError as exc:
+    except (httpx.TransportError, _Stalled) as exc:
         broke = exc
     if held:
         yield b"".join(pieces)
@@ -349,7 +379,9 @@ class ApiClient:
         api_key: str,
         *,
         retry_time: float = 30.0,
-        timeout: float = 30.0,
+        timeout: float = REQUEST_TIMEOUT,
+        speed_limit: int = SPEED_LIMIT,
+        speed_time: float = SPEED_TIME,
         transport: httpx.AsyncBaseTransport | None = None,
         user_agent: str = f"vm0fs/{__version__}",
         backoff_base: float = 0.25,
@@ -373,6 +405,8 @@ class ApiClient:
         self._backoff_cap = backoff_cap
         self._max_pages = max(1, max_pages)
         self._chunk_size = max(1, chunk_size)
+        self._timeout = timeout
+        self._speed_limit, self._speed_time = max(1, speed_limit), speed_time
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -381,7 +415,7 @@ class ApiClient:
         self._client = httpx.AsyncClient(
             base_url=self._base_url,
             headers={"User-Agent": user_agent},
-            timeout=httpx.Timeout(timeout),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
             transport=transport,
             follow_redirects=False,  # redirects are followed by hand, without the key
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # stateless
@@ -458,7 +492,8 @@ class ApiClient:
                     return  # a 416 told us we already hold the whole archive
                 try:
                     skip = self._check_resume(resp, st)
-                    async with aclosing(_raw_chunks(resp, self._chunk_size)) as chunks:
+                    async with aclosing(_raw_chunks(resp, self._chunk_size, self._speed_limit,
+                                                    self._speed_time)) as chunks:
                         while True:
                             try:
                                 chunk = await anext(chunks)
@@ -466,6 +501,8 @@ class ApiClient:
                                 break
                             except httpx.TransportError as exc:
                                 raise _Retry(f"body broke: {_describe(exc)}") from exc
+                            except _Stalled as exc:
+                                raise _Retry(f"download stalled: {exc}") from exc
                             if skip:  # a 200 to a resume, or a 206 starting early
                                 dropped = min(skip, len(chunk))
                                 chunk, skip = chunk[dropped:], skip - dropped
@@ -482,8 +519,9 @@ class ApiClient:
                     raise ApiError(f"{what}: got {st.received} bytes, {st.total} announced")
                 return
             except _Retry as retry:
-                if st.received > before:
-                    # Progress was made: a long download gets a fresh budget after each hiccup.
+                if st.received - before >= PROGRESS_RESET:
+                    # Real progress: a long download gets a fresh budget after each hiccup (a
+                    # trickle does not: it fails within the budget).
                     deadline, failures = self._clock() + self._retry_time, 0
                 failures += 1
                 await self._backoff(what, retry, failures, deadline)
@@ -547,7 +585,12 @@ class ApiClient:
         failures = 0
         while True:
             try:
-                return await self._get_json_once(where, path, params)
+                # One attempt waits at most what the budget has left (and never less than a
+                # second): an API that accepts connections and never answers fails in time.
+                timeout = min(self._timeout, max(deadline - self._clock(), 1.0))
+                with trio.move_on_after(timeout):
+                    return await self._get_json_once(where, path, params)
+                raise _Retry(f"no answer within {timeout:.0f} s")
             except _Retry as retry:
                 failures += 1
                 await self._backoff(where, retry, failures, deadline)

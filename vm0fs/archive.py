@@ -39,12 +39,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from vm0fs.errors import ArchiveError, ArchiveTooLarge
+from vm0fs.integrity import BLOCK_SHIFT, BlockSums, blocks_in
 
 log = logging.getLogger("vm0fs.archive")
 
 BLOCK = tarfile.BLOCKSIZE
 INFLATE_STEP = 1 << 20  # inflate at most this much per call, so a bomb cannot balloon memory
 GZIP_MAGIC = b"\x1f\x8b"
+DRAIN_LIMIT = 4 << 20  # bytes inflated past the tar's end before the rest is dropped
 WINDOW = 1 << 20  # headers are read in windows this large...
 SHORT_READ = 64 << 10  # ...or this large right after a big member (the next is likely big too)
 MAX_EXTENDED = 16 << 20  # the largest long name or pax header read (tarfile reads any size)
@@ -93,13 +95,19 @@ def normalize_path(name: str) -> str | None:
 
 
 class Progress:
-    """How far the tar file has been written, shared by the writer, the parser and readers."""
+    """How far the tar file has been written, shared by the writer, the parser and readers.
+
+    `durable` counts only bytes under a checksum (whole blocks, then the rest once the file is
+    complete): nobody reads a byte that could not be checked."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self.durable = 0  # bytes of tar data written so far
+        self.durable = 0  # bytes of tar data written and under a checksum so far
         self.ended = False  # the writer will add nothing more
         self.error: BaseException | None = None
+        self.archive_end: int | None = None  # where the parser found the tar's end
+        self.parsed = False  # the parser is done (archive_end set, or it failed)
+        self.parser_wants: int | None = None  # the bytes the parser waits for, if it waits
 
     def advance(self, total: int) -> None:
         with self._cond:
@@ -113,6 +121,21 @@ class Progress:
                 self.error = error
             self._cond.notify_all()
 
+    def parser_done(self, archive_end: int | None) -> None:
+        with self._cond:
+            self.archive_end = archive_end
+            self.parsed = True
+            self._cond.notify_all()
+
+    def wait_for_parser(self) -> int | None:
+        """For a writer about to pass its limit: block until the parser has found the tar's
+        end (returned), or waits for bytes past what is written, or failed (None)."""
+        with self._cond:
+            while not self.parsed and self.error is None and (
+                    self.parser_wants is None or self.parser_wants <= self.durable):
+                self._cond.wait()
+            return self.archive_end
+
     def wait_for(self, end: int, on_wait: Callable[[], None] | None = None) -> int:
         """Block until `end` bytes exist or the writer ended; return the bytes available."""
         with self._cond:
@@ -123,7 +146,10 @@ class Progress:
                 finally:
                     self._cond.acquire()
             while self.durable < end and not self.ended:
+                self.parser_wants = end
+                self._cond.notify_all()
                 self._cond.wait()
+            self.parser_wants = None
             if self.error is not None:
                 raise ArchiveError(f"download failed: {self.error}")
             return self.durable
@@ -178,19 +204,35 @@ class GrowingFile:
 
 
 class TarSink:
-    """Inflates a gzip stream (one or more concatenated members) into a tar file."""
+    """Inflates a gzip stream (one or more concatenated members) into a tar file, with the
+    checksums of its blocks (`sums`), and stops writing where the tar ends.
 
-    def __init__(self, fd: int, limit: int) -> None:
+    The tar ends at its end-of-archive blocks, as GNU tar reads it: once the parser has found
+    them (`progress.archive_end`), what follows is inflated but not written, up to DRAIN_LIMIT
+    bytes (enough for any record padding, so that a damaged gzip stream is still noticed), and
+    then the rest of the stream is not needed (`done`). Nothing is written past `limit`: a
+    writer about to pass it waits for the parser, which either finds the end (a bomb of zeros
+    after a small tar) or needs the bytes (the tar really is that big: ArchiveTooLarge)."""
+
+    def __init__(self, fd: int, limit: int, progress: Progress | None = None,
+                 limit_text: str = "") -> None:
         self._fd = fd
         self._limit = limit
+        # What the error says of the limit: how much, and why.
+        self._limit_text = limit_text or f"{limit} bytes, the limit for one version"
+        self._progress = progress
         self._inflater = zlib.decompressobj(wbits=31)
         self._started = False  # some gzip member has been begun
         self._trailing = False  # past the last gzip member: the rest is ignored, like gzip -d
         self.written = 0
+        self.sums = BlockSums()
+        self.end: int | None = None  # where the tar ends, once the parser has said
+        self.drained = 0  # bytes inflated past the end and dropped
+        self.done = False  # the rest of the stream is not needed
 
     def feed(self, data: bytes) -> int:
-        """Inflate `data` and append the result; return the total tar bytes written."""
-        while data and not self._trailing:
+        """Inflate `data` and append the result; return the tar bytes under a checksum."""
+        while data and not self._trailing and not self.done:
             if self._inflater.eof:
                 if not data.startswith(GZIP_MAGIC[: len(data)]):
                     self._trailing = True  # trailing garbage after a complete gzip stream
@@ -201,31 +243,54 @@ class TarSink:
             except zlib.error as exc:
                 raise ArchiveError(f"not a valid gzip stream: {exc}") from None
             self._started = True
-            self._write(out)
+            self._take(out)
             data = self._inflater.unconsumed_tail or self._inflater.unused_data
-        return self.written
+        return self.sums.sealed
 
     def finish(self) -> int:
-        """Check the gzip stream ended properly; return the total tar bytes."""
+        """Check the gzip stream ended properly, cut the file where the tar ends; return the
+        size of the tar file."""
         if not self._started:
             raise ArchiveError("the archive is empty")
-        if not self._inflater.eof:
-            self._write(self._inflater.flush())
+        if not self._inflater.eof and not self.done:
+            self._take(self._inflater.flush())
             raise ArchiveError("the archive is truncated (gzip stream ended early)")
+        self.sums.finish(self.written)
         return self.written
 
-    def _write(self, out: bytes) -> None:
+    def cut(self, archive_end: int) -> int:
+        """The parser found the tar's end at `archive_end`: drop the whole blocks written past
+        it (never part of a block: readers may hold its checksum); return the file's size."""
+        keep = min(self.written, blocks_in(archive_end) << BLOCK_SHIFT)
+        if keep < self.written:
+            os.ftruncate(self._fd, keep)
+            del self.sums.sums[blocks_in(keep):]
+            self.sums.size = keep
+            self.written = keep
+        return self.written
+
+    def _take(self, out: bytes) -> None:
         if not out:
             return
-        if self.written + len(out) > self._limit:
-            raise ArchiveTooLarge(
-                f"the archive expands to more than {self._limit} bytes (the limit for one version)"
-            )
+        if self.end is None and self._progress is not None:
+            self.end = self._progress.archive_end
+        if self.end is None and self.written + len(out) > self._limit:
+            if self._progress is not None:
+                self.end = self._progress.wait_for_parser()
+            if self.end is None:
+                raise ArchiveTooLarge(f"the archive expands past {self._limit_text}")
+        if self.end is not None:  # past the tar's end: inflated only to check the stream
+            self.drained += len(out)
+            self.done = self.drained > DRAIN_LIMIT
+            return
         view = memoryview(out)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+        self.sums.add(out)
         self.written += len(out)
+        if self._progress is not None:  # the parser may go on (and find the end) at once
+            self._progress.advance(self.sums.sealed)
 
 
 def _mtime_ns(text: str | None, mtime: float) -> int:
@@ -383,15 +448,19 @@ class _Walker:
         self.plain_globals = True
         self.buf = b""  # the file's bytes from self.base on, as last read
         self.base = 0
+        self.end = 0  # where the member being read starts; at the end, where the tar ends
         # Fields that repeat from header to header (owners, devices, modes), already decoded;
         # no larger than `seen` however they vary.
         self.valid_ids: set[bytes] = set()
         self.modes: dict[bytes, int] = {}
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Walk every member; return where the tar ends (its end-of-archive block, or EOF)."""
         pos: int | None = 0
         while pos is not None:
+            self.end = pos
             pos = self.member_at(pos)
+        return self.end
 
     def window(self, pos: int, least: int) -> tuple[bytes, int]:
         """A buffer and the index in it of the file's bytes at `pos`: at least `least` of them,
@@ -580,8 +649,9 @@ class _Walker:
 
 
 def scan_members(fileobj: GrowingFile, emit: Callable[[Member], None],
-                 resolve: Resolve | None = None) -> None:
+                 resolve: Resolve | None = None) -> int:
     """Read every header of the tar in `fileobj` and emit the members that may appear, each as
-    soon as its header has been read. `resolve(path)` gives the member now at a path (for hard
-    links) when the caller keeps them; otherwise the walk keeps every member for that."""
-    _Walker(fileobj, emit, resolve).run()
+    soon as its header has been read; return where the tar ends (its end-of-archive block).
+    `resolve(path)` gives the member now at a path (for hard links) when the caller keeps
+    them; otherwise the walk keeps every member for that."""
+    return _Walker(fileobj, emit, resolve).run()

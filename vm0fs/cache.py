@@ -4,7 +4,8 @@ member index. Version ids are content hashes, so an entry never goes stale.
 Layout under the cache directory (owner-only permissions):
     CACHEDIR.TAG                the marker that says vm0fs made this folder its cache
     versions/<id>/data.tar      the tar bytes
-    versions/<id>/index.bin     the version's entries and the tar size (tree.TreeIndex)
+    versions/<id>/index.bin     the version's entries, the tar size and the checksums of its
+                                blocks, under a checksum of its own (tree.TreeIndex)
     staging/<id>.<pid>.<rand>/  an entry being written; published by renaming it into versions/
     listings/<ns>/...           last known API listings, for offline use (see meta.py)
     mounts/<pid>.json           one per mount using the cache, locked while it runs
@@ -14,6 +15,11 @@ vm0fs only ever creates, changes or deletes what it can prove is its own: a fold
 gets the marker; an existing folder is used only if it holds the marker, is empty, or has
 exactly the layout earlier vm0fs versions made (no marker then); anything else is refused.
 Inside, only names and layouts vm0fs writes are touched.
+
+Everything read back is checked (integrity.py): an index that fails its checksum, data that
+fails a block's, a file shorter than its index says or gone, all count as damage; the entry is
+removed and the version fetched again. Without --cache-size the cache may grow while its
+filesystem keeps FREE_SHARE of its size free (mountpoint-s3 keeps 5%).
 
 Concurrency across processes uses flock on data.tar: a writer holds it exclusively while it
 stages, every reader holds it shared while it uses the entry, and eviction and the clean-up of
@@ -37,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vm0fs.control import human
 from vm0fs.errors import CacheError
+from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder, TreeIndex
 
 log = logging.getLogger("vm0fs.cache")
@@ -55,15 +63,26 @@ LEGACY_FILES = frozenset({IN_USE, "vm0fs.log"})
 STAGING_NAME = re.compile(r".+\.[0-9a-f]{8}")  # <id>.<pid>.<hex8> or evicted.<id>.<hex8>
 NAMESPACE_NAME = re.compile(r"[0-9a-f]{16}")
 TOUCH_INTERVAL = 1.0  # seconds between on-disk last-used updates of one entry
+FREE_SHARE = 0.05  # of the cache filesystem's size, kept free
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A limit in bytes, and why it is what it is (for status and error lines)."""
+
+    bytes: int
+    reason: str
 
 
 @dataclass
 class Entry:
-    """An open cache entry: the tar file's descriptor (shared-locked) and its index."""
+    """An open cache entry: the tar file's descriptor (shared-locked), its index and the
+    checksums of its blocks."""
 
     fd: int
     index: TreeIndex
     size: int
+    sums: BlockSums
 
 
 @dataclass
@@ -140,7 +159,7 @@ def _is_legacy(root: Path, names: set[str]) -> bool:
         if not all((root / d).is_dir() and not (root / d).is_symlink() for d in LEGACY_DIRS):
             return False
         for entry in os.scandir(root / "versions"):
-            if not _is_entry_folder(Path(entry.path)):
+            if _entry_names(Path(entry.path)) is None:
                 return False
         if not all(STAGING_NAME.fullmatch(n) for n in os.listdir(root / "staging")):
             return False
@@ -150,15 +169,28 @@ def _is_legacy(root: Path, names: set[str]) -> bool:
         return False
 
 
-def _is_entry_folder(folder: Path) -> bool:
-    """A published version folder: data.tar and its index, nothing else, no links."""
+def _entry_names(folder: Path) -> set[str] | None:
+    """The names in a version folder when it holds nothing but what vm0fs writes there (and is
+    no link); else None."""
     try:
         if folder.is_symlink() or not folder.is_dir():
-            return False
+            return None
         names = set(os.listdir(folder))
     except OSError:
-        return False
-    return DATA in names and names <= {DATA, INDEX, OLD_INDEX}
+        return None
+    return names if names <= {DATA, INDEX, OLD_INDEX} else None
+
+
+def _is_entry_folder(folder: Path) -> bool:
+    """A published version folder: data.tar and its index, nothing else, no links."""
+    names = _entry_names(folder)
+    return names is not None and DATA in names
+
+
+def _is_remnant(folder: Path) -> bool:
+    """What is left of a version folder whose data.tar was deleted: an index alone, or nothing."""
+    names = _entry_names(folder)
+    return names is not None and DATA not in names
 
 
 def _write_marker(root: Path) -> None:
@@ -258,6 +290,7 @@ class Cache:
                 removed += 1
             else:
                 kept += 1
+        removed += self.clean_remnants()
         for namespace in os.listdir(self.listings) if self.listings.is_dir() else []:
             if NAMESPACE_NAME.fullmatch(namespace):  # only what meta.py writes
                 shutil.rmtree(self.listings / namespace, ignore_errors=True)
@@ -271,11 +304,16 @@ class Cache:
         return _is_entry_folder(self.versions / version_id)
 
     def open_entry(self, version_id: str) -> Entry | None:
-        """The published entry for `version_id`, shared-locked, or None if there is none."""
+        """The published entry for `version_id`, shared-locked, or None if there is none (a
+        damaged one is removed: the caller fetches the version again)."""
         folder = self.versions / version_id
         try:
             fd = os.open(folder / DATA, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            if _is_remnant(folder):
+                log.warning("cache entry %s lost its data (deleted?): removing what is left",
+                            version_id[:12])
+                self._remove_entry(version_id)
             return None
         try:
             if not _lock(fd, fcntl.LOCK_SH):  # being evicted right now
@@ -288,23 +326,57 @@ class Cache:
                 os.close(fd)
                 self._remove_entry(version_id, only_if_unused=True)
                 return None
-            index = TreeIndex.open(folder / INDEX)
+            index = TreeIndex.load(folder / INDEX)
             if index.tar_size != size:
-                raise ValueError("index does not match the data")
+                raise ValueError(f"the data holds {size} bytes, its index says {index.tar_size}")
         except (OSError, ValueError) as exc:
-            log.warning("cache entry %s is damaged (%s): removing it", version_id[:12], exc)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("cache entry %s is damaged (%s): removing it, to fetch it again",
+                        version_id[:12], reason)
             os.close(fd)
             self._remove_entry(version_id)
             return None
         self.touch(version_id)
-        return Entry(fd, index, size)
+        return Entry(fd, index, size, index.block_sums())
 
-    def load_index(self, version_id: str) -> TreeIndex | None:
-        """Map the index of an entry this process holds open (quick: no thread needed)."""
+    def drop_damaged(self, version_id: str, fd: int) -> bool:
+        """Remove the entry whose data file `fd` was found damaged, if it is still the one
+        published (another process may have put a new copy there); whether it was removed."""
+        folder = self.versions / version_id
         try:
-            return TreeIndex.open(self.versions / version_id / INDEX)
-        except FileNotFoundError:
-            return None
+            mine, published = os.fstat(fd), os.stat(folder / DATA)
+        except OSError:
+            return False
+        if (mine.st_dev, mine.st_ino) != (published.st_dev, published.st_ino):
+            return False
+        doomed = self.staging / f"evicted.{version_id}.{secrets.token_hex(4)}"
+        try:
+            os.rename(folder, doomed)
+        except OSError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        self._touched.pop(version_id, None)
+        return True
+
+    def cap(self, usage: int | None = None) -> Cap:
+        """The cap in force (blocking): --cache-size, else what keeps the cache filesystem's
+        FREE_SHARE free, with `usage` (default: now) counted in."""
+        if self.max_bytes is not None:
+            return Cap(self.max_bytes, "--cache-size")
+        room = self.disk_room()
+        used = self.usage() if usage is None else usage
+        return Cap(max(used + room.bytes, 0), f"no --cache-size: {room.reason}")
+
+    def disk_room(self) -> Cap:
+        """How much more may be written to the cache's filesystem (blocking); less than 0
+        when it holds less free space than it keeps free."""
+        try:
+            disk = shutil.disk_usage(self.root)
+        except OSError as exc:
+            raise CacheError(f"cannot use cache directory {self.root}: {exc.strerror}") from None
+        keep = int(disk.total * FREE_SHARE)
+        return Cap(disk.free - keep,
+                   f"keeps {FREE_SHARE:.0%} of the cache's filesystem, {human(keep)}, free")
 
     def touch(self, version_id: str, when: float | None = None) -> None:
         """Record that the entry was used (at `when`, default now): its folder's mtime orders
@@ -331,21 +403,27 @@ class Cache:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return Staging(version_id, path, fd)
 
-    def publish(self, staging: Staging, builder: TreeBuilder) -> Entry:
-        """Make a staged entry visible to everyone; returns it open and shared-locked.
+    def publish(self, staging: Staging, builder: TreeBuilder,
+                sums: BlockSums | None = None) -> Entry:
+        """Make a staged entry visible to everyone; returns it open and shared-locked. `sums`:
+        the checksums of the data's blocks, as it was written (made from the file if None).
 
         When another process published the same version first, the returned entry is theirs
         and `staging.fd` is left open for the caller to close."""
         size = os.fstat(staging.fd).st_size
+        if sums is None:
+            sums = BlockSums()
+            sums.add(os.pread(staging.fd, size, 0))
+            sums.finish(size)
         try:
             fd = os.open(staging.path / INDEX, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          0o600)
             try:
-                builder.write(fd, size)
+                builder.write(fd, sums)
             finally:
                 os.close(fd)
             fcntl.flock(staging.fd, fcntl.LOCK_SH)  # readers welcome from now on
-            os.rename(staging.path, self.versions / staging.version_id)
+            self._rename_into_place(staging)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 self.discard(staging)
@@ -362,10 +440,26 @@ class Cache:
         # Last used when it was asked for, not when its download ended.
         self.touch(staging.version_id, self._used.get(staging.version_id))
         try:
-            index = TreeIndex.open(self.versions / staging.version_id / INDEX)
+            index = TreeIndex.load(self.versions / staging.version_id / INDEX)
         except (OSError, ValueError) as exc:
             raise CacheError(f"cannot read the index just written: {exc}") from None
-        return Entry(staging.fd, index, size)
+        return Entry(staging.fd, index, size, sums)
+
+    def _rename_into_place(self, staging: Staging) -> None:
+        """Rename a staged entry into versions/. A folder already there that is damaged or
+        only a remnant (its data deleted) is removed first, so that it heals."""
+        target = self.versions / staging.version_id
+        try:
+            os.rename(staging.path, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            existing = self.open_entry(staging.version_id)  # removes a damaged one
+            if existing is not None:
+                os.close(existing.fd)
+                raise
+        os.rename(staging.path, target)
 
     def discard(self, staging: Staging) -> None:
         with contextlib.suppress(OSError):
@@ -398,6 +492,23 @@ class Cache:
                 os.close(fd)
         if removed:
             log.info("removed %d unfinished download(s) left in the cache", removed)
+        self.clean_remnants()
+        return removed
+
+    def clean_remnants(self) -> int:
+        """Remove version folders whose data was deleted (an index alone, or nothing)."""
+        removed = 0
+        try:
+            folders = list(self.versions.iterdir())
+        except OSError:
+            return 0
+        for folder in folders:
+            if _is_remnant(folder):
+                self._remove_entry(folder.name)
+                removed += not folder.exists()
+        if removed:
+            log.info("removed %d cache entr%s whose data was gone", removed,
+                     "y" if removed == 1 else "ies")
         return removed
 
     def _clean_mount_records(self) -> None:
@@ -443,15 +554,14 @@ class Cache:
         return sum(size for _, size, _ in self.entries())
 
     def evict(self, max_bytes: int | None = None, keep: frozenset[str] = frozenset()) -> int:
-        """Remove least recently used entries until the cache fits; return the bytes freed.
+        """Remove least recently used entries until the cache fits `max_bytes` (default: the
+        cap in force); return the bytes freed.
 
         An entry someone holds open (a shared lock) is never removed, nor one named in `keep`.
         """
-        cap = self.max_bytes if max_bytes is None else max_bytes
-        if cap is None:
-            return 0
         entries = sorted(self.entries(), key=lambda e: e[2])
         total = sum(size for _, size, _ in entries)
+        cap = self.cap(total).bytes if max_bytes is None else max_bytes
         freed = 0
         self.kept = []
         for version_id, size, _ in entries:

@@ -11,48 +11,72 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any, Protocol
 
 import trio
 
 from vm0fs.archive import GrowingFile, Member, Progress, TarSink, scan_members
 from vm0fs.cache import Cache, Entry
+from vm0fs.control import human
+from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder
 
 log = logging.getLogger("vm0fs.fetch")
 
 PUBLISH_BATCH = 512  # members added between two wake-ups of the event loop
 PROGRESS_LOG_INTERVAL = 5.0
-DISK_RESERVE = 256 << 20  # never fill the disk past this much free space
+# What a version may expand to, beyond the sizes of its files that the API tells: a header and
+# padding per file (and a long name or a pax header), and a margin for folders, links and the
+# tar's own end. A tar.gz that inflates past that is a bomb, or not what the API describes.
+HEADER_ALLOWANCE = 4096  # bytes a file
+SIZE_MARGIN = 64 << 20
 
 
 class Downloader(Protocol):
     def download(self, artifact_id: str, version_id: str | None = None) -> Any: ...
 
 
-def size_limit(cache: Cache, max_version_bytes: int | None) -> int:
-    """How far one version may expand: a decompression bomb stops here (blocking: a thread)."""
-    limits = [max(shutil.disk_usage(cache.root).free - DISK_RESERVE, 0)]
+def api_bound(size: int, file_count: int) -> int:
+    """The most a version of `file_count` files of `size` bytes in all may expand to."""
+    return size + size // 16 + file_count * HEADER_ALLOWANCE + SIZE_MARGIN
+
+
+def size_limit(cache: Cache, max_version_bytes: int | None, size: int = 0,
+               file_count: int = 0) -> tuple[int, str]:
+    """How far one version may expand, and why (blocking: a thread): the free space of the
+    cache's filesystem less what is kept free, the cache's cap, and `--max-version-size` or
+    else what the API says the version holds."""
+    room = cache.disk_room()
+    free = max(room.bytes, 0)
+    limits = [(free, f"{human(free)}, the room left on the cache's filesystem ({room.reason})")]
     if max_version_bytes is not None:
-        limits.append(max_version_bytes)
+        limits.append((max_version_bytes, f"{human(max_version_bytes)} (--max-version-size)"))
+    elif size or file_count:
+        bound = api_bound(size, file_count)
+        limits.append((bound, f"{human(bound)}, far more than the {human(size)} in {file_count} "
+                              "file(s) the API lists for this version (--max-version-size "
+                              "allows more)"))
     if cache.max_bytes is not None:
-        limits.append(cache.max_bytes)
+        limits.append((cache.max_bytes, f"{human(cache.max_bytes)}, the cache's cap "
+                                        "(--cache-size)"))
     return min(limits)
 
 
 class Fetch:
     def __init__(self, client: Downloader, cache: Cache, artifact_id: str, version_id: str,
                  progress: Progress | None = None, expected_size: int = 0,
-                 implied_mtime_ns: int = 0) -> None:
+                 implied_mtime_ns: int = 0, file_count: int = 0) -> None:
         self.client = client
         self.cache = cache
         self.artifact_id = artifact_id
         self.version_id = version_id
         self.progress = progress or Progress()  # tar bytes written, shared with readers
-        self.expected_size = expected_size  # the API's uncompressed size, for progress reports
+        self.expected_size = expected_size  # the API's uncompressed size of the files
+        self.file_count = file_count  # and how many there are (both bound the download)
+        self.sums: BlockSums | None = None  # checksums of the tar file's blocks, as written
         self.fd: int | None = None  # the tar file being written, then the published one
         self.received = 0  # archive bytes received
         self.members = 0  # members read so far
@@ -64,11 +88,13 @@ class Fetch:
                   on_step: Callable[[], None] = lambda: None) -> Entry:
         """Download, inflate, index and publish; `on_members` is called (on the event loop)
         when `index` has grown, `on_step` whenever more bytes are there."""
-        limit = await trio.to_thread.run_sync(size_limit, self.cache, max_version_bytes)
+        limit, limit_text = await trio.to_thread.run_sync(
+            size_limit, self.cache, max_version_bytes, self.expected_size, self.file_count)
         staging = await trio.to_thread.run_sync(self.cache.stage, self.version_id)
         self.fd = staging.fd
+        sink = TarSink(staging.fd, limit, self.progress, limit_text)
+        self.sums = sink.sums
         on_step()
-        sink = TarSink(staging.fd, limit)
         parsed = trio.Event()
         errors: dict[str, BaseException] = {}
         token = trio.lowlevel.current_trio_token()
@@ -87,12 +113,15 @@ class Fetch:
                 self.members += 1
                 emit()
 
+            end = None
             try:
-                scan_members(GrowingFile(staging.fd, self.progress, lambda: emit(True)), add,
-                             self.index.resolve)
+                end = scan_members(GrowingFile(staging.fd, self.progress, lambda: emit(True)),
+                                   add, self.index.resolve)
                 emit(True)
             except BaseException as exc:  # noqa: BLE001 - reported to the downloader
                 errors["parse"] = exc
+            finally:
+                self.progress.parser_done(end)  # a writer past its limit waits for this
 
         async def run_parser() -> None:
             try:
@@ -115,7 +144,11 @@ class Fetch:
             # A failed download makes the parser fail too: report the cause, not the echo.
             if errors:
                 raise errors.get("receive") or errors["parse"]
-            entry = await trio.to_thread.run_sync(self.cache.publish, staging, self.index)
+            assert self.progress.archive_end is not None
+            tar_size = sink.cut(self.progress.archive_end)  # what follows the end is not kept
+            self.progress.advance(tar_size)
+            entry = await trio.to_thread.run_sync(self.cache.publish, staging, self.index,
+                                                  sink.sums)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.cache.discard, staging)
@@ -126,22 +159,27 @@ class Fetch:
             on_step()  # readers move to the published file before ours is closed
             os.close(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
-        log.info("version %s: %d members, %.1f MB in %.1f s (%.1f MB/s)", self.version_id[:12],
-                 self.members, sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)
+        log.info("version %s: %d members, %s in %.1f s (%.1f MiB/s)", self.version_id[:12],
+                 self.members, human(sink.written), elapsed, sink.written / 2**20 / elapsed)
         return entry
 
     async def _receive(self, sink: TarSink, on_step: Callable[[], None]) -> None:
-        log.info("downloading version %s of artifact %s (%.1f MB uncompressed)",
-                 self.version_id[:12], self.artifact_id, self.expected_size / 1e6)
+        log.info("downloading version %s of artifact %s (%s of files)",
+                 self.version_id[:12], self.artifact_id, human(self.expected_size))
         last_log = time.monotonic()
-        async for chunk in self.client.download(self.artifact_id, self.version_id):
-            self.received += len(chunk)
-            self.progress.advance(await trio.to_thread.run_sync(sink.feed, chunk))
-            on_step()
-            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                last_log = time.monotonic()
-                log.info("downloading version %s: %.1f of %.1f MB", self.version_id[:12],
-                         self.progress.durable / 1e6, self.expected_size / 1e6)
+        async with aclosing(self.client.download(self.artifact_id, self.version_id)) as chunks:
+            async for chunk in chunks:
+                self.received += len(chunk)
+                self.progress.advance(await trio.to_thread.run_sync(sink.feed, chunk))
+                on_step()
+                if sink.done:  # the tar ended long before the stream: the rest is not needed
+                    log.info("version %s: the tar ends at byte %d; the rest of the download "
+                             "is dropped", self.version_id[:12], sink.end)
+                    break
+                if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
+                    last_log = time.monotonic()
+                    log.info("downloading version %s: %s of %s", self.version_id[:12],
+                             human(self.progress.durable), human(self.expected_size))
         self.progress.advance(await trio.to_thread.run_sync(sink.finish))
         self.progress.end()
         on_step()

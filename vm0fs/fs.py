@@ -65,7 +65,6 @@ log = logging.getLogger("vm0fs.fs")
 CONTENT_TIMEOUT = 24 * 3600.0  # version contents never change
 BLOCK_SIZE = 128 * 1024
 HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
-READAHEAD = 8 << 20  # bytes to prefetch after a read that had to wait for the disk
 READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big: read ahead from their first read
 NO_OPENDIR_KERNEL = (5, 1)  # first Linux release that honours ENOSYS from OPENDIR (OPEN: 4.19)
 LISTING_SNAPSHOTS = 16  # folders whose readdir entries are kept between calls (stateless mode)
@@ -863,33 +862,7 @@ class Operations(pyfuse3.Operations):
 
     async def _read_range(self, node: File, start: int, length: int, ahead: int = 0
                           ) -> bytes | memoryview:
-        state: VersionState = node.owner
-        state.reads_in_flight += 1  # eviction must not close the descriptor under this read
-        try:
-            return await self._read_range_of(state, start, length, ahead)
-        finally:
-            state.reads_in_flight -= 1
-
-    @staticmethod
-    async def _read_range_of(state: VersionState, start: int, length: int, ahead: int
-                             ) -> bytes | memoryview:
-        fd = state.fd
-        if fd is None or not state.data_ready:
-            fd = await state.wait_bytes(start + length)
-        if ahead and state.data_ready:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, start, ahead, os.POSIX_FADV_WILLNEED)
-        buf = bytearray(length)
-        try:
-            # Served from the page cache without blocking the event loop when possible.
-            got = os.preadv(fd, [buf], start, os.RWF_NOWAIT)
-        except BlockingIOError:
-            got = 0
-        if got < length:
-            got += await trio.to_thread.run_sync(_pread_into, fd, buf, got, start)
-        if got != length:  # never a short read mid-file: pyfuse3 would pad it with zeroes
-            raise OSError(errno.EIO, "cache file is shorter than the index says")
-        return memoryview(buf)
+        return await self.store.read(node.owner, start, length, ahead)
 
     async def _read_sparse(self, node: File, off: int, end: int) -> bytes:
         """A sparse member's data is its runs stored back to back; the holes read as zeroes."""
@@ -1002,21 +975,3 @@ def process_memory() -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         pass
     return found
-
-
-def _pread_into(fd: int, buf: bytearray, done: int, start: int) -> int:
-    """Fill `buf[done:]` from `fd` at `start + done`, blocking; return the bytes added.
-
-    The data was not in the page cache: ask the kernel to read ahead, so that the next reads
-    of a sequential reader find it there and need no thread."""
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, start + done, len(buf) - done + READAHEAD, os.POSIX_FADV_WILLNEED)
-    view = memoryview(buf)
-    total = 0
-    while done + total < len(buf):
-        n = os.preadv(fd, [view[done + total:]], start + done + total)
-        if n == 0:
-            break
-        total += n
-    return total
-

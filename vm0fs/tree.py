@@ -20,7 +20,6 @@ entry: numbers are never reused), parents the archive never names are implied.
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import stat
 import struct
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vm0fs.archive import DIR, FILE, LINK, Member
+from vm0fs.integrity import BLOCK, BlockSums, Hasher, blocks_in
 
 IMPLIED_DIR_MODE = 0o755
 NAME_MAX = 255  # bytes in one path component
@@ -158,21 +158,26 @@ def version_base(ordinal: int) -> int:
 
 # The index file: a header, then the arrays in this order, each padded to 8 bytes, in native
 # byte order (the magic says which: a file from another kind of machine is not read).
-MAGIC = b"vm0i\x02" + (b"L" if sys.byteorder == "little" else b"B") + b"\0\0"
-HEADER = struct.Struct("=8sQQQQQ")  # magic, tar size, entries, children, names, extra bytes
-# name, typecode, length (in items) as a function of (entries, children, names, extra)
+# Version 3 added the data's block checksums and the index's own checksum (integrity.py).
+MAGIC = b"vm0i\x03" + (b"L" if sys.byteorder == "little" else b"B") + b"\0\0"
+# magic, tar size, entries, children, name bytes, extra bytes, data blocks, block size, and an
+# xxh3-64 of every byte of the file but these last 8
+HEADER = struct.Struct("=8sQQQQQQQQ")
+CHECKED = HEADER.size - 8
+# name, typecode, length (in items) as a function of (entries, children, names, extra, blocks)
 LAYOUT = (
-    ("mode", "I", lambda n, c, b, x: n),
-    ("parent", "I", lambda n, c, b, x: n),
-    ("size", "q", lambda n, c, b, x: n),
-    ("mtime", "q", lambda n, c, b, x: n),
-    ("offset", "q", lambda n, c, b, x: n),
-    ("name_off", "Q", lambda n, c, b, x: n + 1),
-    ("extra_off", "Q", lambda n, c, b, x: n + 1),
-    ("child_off", "I", lambda n, c, b, x: n + 1),
-    ("children", "I", lambda n, c, b, x: c),
-    ("names", "B", lambda n, c, b, x: b),
-    ("extra", "B", lambda n, c, b, x: x),
+    ("mode", "I", lambda n, c, b, x, k: n),
+    ("parent", "I", lambda n, c, b, x, k: n),
+    ("size", "q", lambda n, c, b, x, k: n),
+    ("mtime", "q", lambda n, c, b, x, k: n),
+    ("offset", "q", lambda n, c, b, x, k: n),
+    ("name_off", "Q", lambda n, c, b, x, k: n + 1),
+    ("extra_off", "Q", lambda n, c, b, x, k: n + 1),
+    ("child_off", "I", lambda n, c, b, x, k: n + 1),
+    ("children", "I", lambda n, c, b, x, k: c),
+    ("names", "B", lambda n, c, b, x, k: b),
+    ("extra", "B", lambda n, c, b, x, k: x),
+    ("blocks", "Q", lambda n, c, b, x, k: k),
 )
 
 
@@ -226,12 +231,18 @@ class TreeIndex(EntryArrays):
         view = memoryview(buf)
         if len(view) < HEADER.size:
             raise BadIndex("index file too short")
-        magic, self.tar_size, n, c, b, x = HEADER.unpack_from(view)
+        magic, self.tar_size, n, c, b, x, k, block, checksum = HEADER.unpack_from(view)
         if magic != MAGIC:
             raise BadIndex("not an index of this vm0fs version")
+        hasher = Hasher(view[:CHECKED])
+        hasher.update(view[HEADER.size:])
+        if hasher.intdigest() != checksum:
+            raise BadIndex("index file damaged (checksum mismatch)")
+        if block != BLOCK or k != blocks_in(self.tar_size):
+            raise BadIndex("index file of another block size")
         pos = HEADER.size
         for name, code, length in LAYOUT:
-            items = length(n, c, b, x)
+            items = length(n, c, b, x, k)
             size = items * array(code).itemsize
             if pos + size > len(view):
                 raise BadIndex("index file truncated")
@@ -249,18 +260,18 @@ class TreeIndex(EntryArrays):
     # Views of the arrays, created in __init__ (the rest are declared in EntryArrays).
     _child_off: Any
     _children: Any
+    _blocks: Any
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> TreeIndex:
-        """Map an index file read-only (its pages are page cache, not this process's heap)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            if size < HEADER.size:
-                raise BadIndex("index file too short")
-            return cls(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        finally:
-            os.close(fd)
+    def load(cls, path: str | os.PathLike[str]) -> TreeIndex:
+        """Read and check an index file (blocking). It is read, not memory-mapped: a mapped file
+        that another process truncates kills this one with SIGBUS at the next touch."""
+        with open(path, "rb", buffering=0) as f:
+            return cls(f.read())
+
+    def block_sums(self) -> BlockSums:
+        """The checksums of the version's tar data (a copy: the index may be dropped)."""
+        return BlockSums(self._blocks, self.tar_size)
 
     def stat(self, entry: int) -> tuple[int, int, int]:
         """(st_mode, st_size, mtime in ns) of an entry, as its node would have them."""
@@ -437,10 +448,10 @@ class TreeBuilder(EntryArrays):
 
     # -- saving --
 
-    def write(self, fd: int, tar_size: int) -> int:
+    def write(self, fd: int, sums: BlockSums) -> int:
         """Write the index-file form to `fd` (blocking: a worker thread); return its size."""
         written = 0
-        for part in self._parts(tar_size):
+        for part in self._parts(sums):
             view = memoryview(part)
             while view:
                 done = os.write(fd, view)
@@ -448,10 +459,10 @@ class TreeBuilder(EntryArrays):
                 written += done
         return written
 
-    def to_bytes(self, tar_size: int) -> bytes:
-        return b"".join(bytes(part) for part in self._parts(tar_size))
+    def to_bytes(self, sums: BlockSums) -> bytes:
+        return b"".join(bytes(part) for part in self._parts(sums))
 
-    def _parts(self, tar_size: int) -> list[Any]:
+    def _parts(self, sums: BlockSums) -> list[Any]:
         """The index file's bytes, in pieces (the arrays themselves, not copies)."""
         n = self.count
         linked = array("I", sorted(self._slots.values()))
@@ -474,17 +485,22 @@ class TreeBuilder(EntryArrays):
             lo, hi = child_off[folder], child_off[folder + 1]
             if hi - lo > 1:
                 children[lo:hi] = array("I", sorted(children[lo:hi], key=self.name))
-        parts: list[Any] = [HEADER.pack(MAGIC, tar_size, n, len(children), len(self._names),
-                                        len(self._extra))]
+        assert sums.size is not None and len(sums.sums) == blocks_in(sums.size)
+        parts: list[Any] = []
         for name, _, _ in LAYOUT:
-            data = {"child_off": child_off, "children": children}.get(name)
+            data = {"child_off": child_off, "children": children, "blocks": sums.sums}.get(name)
             if data is None:
                 data = getattr(self, "_" + name)
             raw = memoryview(data).cast("B")
             parts.append(raw)
             if len(raw) % 8:
                 parts.append(bytes(8 - len(raw) % 8))
-        return parts
+        header = HEADER.pack(MAGIC, sums.size, n, len(children), len(self._names),
+                             len(self._extra), len(sums.sums), BLOCK, 0)[:CHECKED]
+        hasher = Hasher(header)
+        for part in parts:
+            hasher.update(part)
+        return [header + struct.pack("=Q", hasher.intdigest()), *parts]
 
 
 def member_of(index: TreeIndex | TreeBuilder, entry: int, path: str) -> Member:
@@ -508,12 +524,16 @@ def sparse_runs(extra: bytes) -> list[tuple[int, int]] | None:
     return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
 
 
-def build_index(members: list[Member], implied_mtime_ns: int, tar_size: int) -> TreeIndex:
-    """An in-memory index of `members` (tests, and versions with nothing to download)."""
+def build_index(members: list[Member], implied_mtime_ns: int, tar: bytes = b"") -> TreeIndex:
+    """An in-memory index of `members` of the tar file `tar` (tests, and versions with nothing
+    to download)."""
     builder = TreeBuilder(implied_mtime_ns)
     for member in members:
         builder.add(member)
-    return TreeIndex(builder.to_bytes(tar_size))
+    sums = BlockSums()
+    sums.add(tar)
+    sums.finish(len(tar))
+    return TreeIndex(builder.to_bytes(sums))
 
 
 def node_for(index: TreeIndex | TreeBuilder, entry: int, inode: int, owner: Any) -> Node:

@@ -16,6 +16,7 @@ ListingBurst): it is the signature of GNOME Files counting items on a "local" fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,8 +29,9 @@ import trio
 
 from vm0fs.archive import Progress
 from vm0fs.cache import Cache
-from vm0fs.errors import Unavailable, Vm0fsError
+from vm0fs.errors import CacheError, Unavailable, Vm0fsError
 from vm0fs.fetch import Downloader, Fetch
+from vm0fs.integrity import BlockReader, BlockSums, Damaged
 from vm0fs.tree import (
     ROOT_ENTRY,
     Dir,
@@ -79,6 +81,8 @@ class VersionState:
         self.base = base  # inode of entry 0's range
         self.index: TreeIndex | TreeBuilder | None = None
         self.fd: int | None = None  # the tar file: staging while downloading, then the cache
+        self.sums: BlockSums | None = None  # the checksums of its blocks (set with `fd`)
+        self.retired: list[int] = []  # descriptors of a damaged copy, closed once unread
         self.progress = Progress()
         self.tree_complete = False  # every member is known (contents are final)
         self.error: BaseException | None = None
@@ -89,7 +93,8 @@ class VersionState:
         self.reads_in_flight = 0
         self.kernel_refs = 0  # lookups of this version's entries the kernel has not forgotten
         self.last_used = time.monotonic()  # when a request last needed the index
-        self.expected_size = 0  # the API's uncompressed size, for progress reports
+        self.expected_size = 0  # the API's uncompressed size of its files
+        self.file_count = 0  # and their number (both bound its download)
         self.implied_mtime_ns = 0  # of folders the archive does not list: the version's date
         self.fetch: Fetch | None = None  # the download under way, if any
         self.used = False  # a path inside was looked up or a file read: its loads go first
@@ -169,17 +174,23 @@ class VersionState:
             self._check_loading()
             await self._changed.wait()
 
-    async def wait_bytes(self, end: int) -> int:
-        """Until the tar file holds `end` bytes; returns the file descriptor to read."""
+    async def wait_bytes(self, end: int) -> tuple[int, BlockSums]:
+        """Until the tar file holds `end` checked bytes; returns its descriptor and sums."""
         while self.fd is None or (self.progress.durable < end and not self.progress.ended):
             self._raise_if_failed()
             if not self.loading and self.fd is None:
                 raise Vm0fsError("version data is not loaded")
             await self._changed.wait()
         self._raise_if_failed()
-        if self.progress.durable < end:
+        if self.progress.durable < end or self.sums is None:
             raise Vm0fsError("read past the end of the version data")
-        return self.fd
+        return self.fd, self.sums
+
+    def close_retired(self) -> None:
+        """Close the descriptors of a damaged copy once no read uses them."""
+        if self.reads_in_flight == 0:
+            while self.retired:
+                os.close(self.retired.pop())
 
 
 class ListingBurst:
@@ -262,6 +273,8 @@ class VersionStore:
         self._listing_running = 0
         self._queue: deque[VersionState] = deque()  # listing-only downloads waiting for a slot
         self.bursts = ListingBurst(listing_downloads)
+        self.blocks = BlockReader()
+        self.repairs = 0  # damaged cached copies found (and fetched again, when online)
         self._nursery: trio.Nursery | None = None
         self.offline: Callable[[], bool] = lambda: False  # skip downloads while the API is down
         self.describe: Callable[[str], str] = str  # artifact id -> how log lines name it
@@ -302,6 +315,7 @@ class VersionStore:
         new = VersionState(artifact_id, version_id, root, version_base(ordinal))
         new.implied_mtime_ns = created_ns
         new.expected_size = size
+        new.file_count = file_count
         new.used = use
         if state is not None:
             new.kernel_refs = state.kernel_refs  # the kernel's references outlive a failure
@@ -309,7 +323,7 @@ class VersionStore:
         log.debug("version %s: asked for by a %s", version_id[:12], "lookup" if use else "listing")
         if file_count == 0:  # nothing to download: the service has no archive for it
             new.fd = -1
-            new.index = build_index([], created_ns, 0)
+            new.index = build_index([], created_ns)
             new.progress.end()
             new.tree_complete = True
         else:
@@ -330,17 +344,8 @@ class VersionStore:
         state.last_used = time.monotonic()
         if state.error is not None or state.loading:
             return
-        if state.index is None and state.fd is not None and state.fd >= 0:
-            # The data is open (so its cache entry cannot go): map its index again.
-            try:
-                state.set_index(self.cache.load_index(state.version_id))
-            except (OSError, ValueError) as exc:  # gone or damaged: _load sorts it out
-                log.debug("version %s: index not loaded again: %s", state.version_id[:12], exc)
-            if state.index is not None:
-                self._over_budget(state)
-                return
         if state.index is None or (data and state.fd is None):
-            self._start(state)
+            self._start(state)  # the index is read and checked again in a worker thread
 
     def _start(self, state: VersionState) -> None:
         assert self._nursery is not None, "VersionStore.run() is not running"
@@ -360,7 +365,7 @@ class VersionStore:
             if entry is not None:
                 log.debug("version %s: %d entries from the cache", state.version_id[:12],
                           entry.index.count)
-                state.fd = entry.fd
+                state.fd, state.sums = entry.fd, entry.sums
                 state.set_index(entry.index)
                 state.progress.advance(entry.size)
                 state.progress.end()
@@ -381,11 +386,11 @@ class VersionStore:
             state.loading = False
             state.notify()
             if old_fd is not None and old_fd != state.fd:
-                os.close(old_fd)
+                state.retired.append(old_fd)  # closed once no read in flight uses it
+                state.close_retired()
         if state.error is None:
             self._over_budget(state)
-            if self.cache.max_bytes is not None:
-                await self.enforce_cache_size()
+            await self.enforce_cache_size()
 
     def _fail(self, state: VersionState, exc: Exception) -> None:
         log.error("artifact %s, version %s: %s", self.describe(state.artifact_id),
@@ -393,7 +398,7 @@ class VersionStore:
         state.error = exc if isinstance(exc, Vm0fsError) else Vm0fsError(str(exc))
         state.failed_at = time.monotonic()
         state.progress.end(exc)
-        state.fd = None
+        state.fd = state.sums = None
         if state.index is not None and not state.index.complete:
             state.set_index(None)  # a partial tree: the next try builds it again
 
@@ -470,23 +475,73 @@ class VersionStore:
         return len(self._queue)
 
     async def _download(self, state: VersionState) -> None:
+        await self.enforce_cache_size(incoming=state.expected_size)  # make room first
         self.downloads += 1
         fetch = Fetch(self.client, self.cache, state.artifact_id, state.version_id,
-                      state.progress, state.expected_size, state.implied_mtime_ns)
+                      state.progress, state.expected_size, state.implied_mtime_ns,
+                      state.file_count)
         state.fetch = fetch
         if state.index is None:
             state.set_index(fetch.index)  # served while it grows
 
         def step() -> None:
-            state.fd = fetch.fd
+            state.fd, state.sums = fetch.fd, fetch.sums
             state.notify()
 
         try:
             entry = await fetch.run(self.max_version_bytes, state.notify, step)
         finally:
             state.fetch = None
-        state.fd = entry.fd
+        state.fd, state.sums = entry.fd, entry.sums
         state.set_index(entry.index)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def read(self, state: VersionState, start: int, length: int, ahead: int = 0
+                   ) -> bytes | memoryview:
+        """`length` bytes of the version's tar data at `start`, every block checked against
+        its checksum; waits for the bytes of a download under way. A damaged copy is never
+        served: it is dropped and fetched again while the reader waits (EIO when offline)."""
+        for attempt in range(2):
+            state.reads_in_flight += 1  # eviction must not close the descriptor under this read
+            fd = state.fd
+            try:
+                sums = state.sums
+                if fd is None or sums is None or not state.data_ready:
+                    fd, sums = await state.wait_bytes(start + length)
+                if start + length > sums.sealed:
+                    raise Damaged("a file of the index lies past the end of the checked data")
+                if ahead and state.data_ready:  # a big file's first read: ask for the rest
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, start, ahead, os.POSIX_FADV_WILLNEED)
+                return await self.blocks.read(state.version_id, fd, sums, start, length, ahead)
+            except Damaged as exc:
+                if attempt:
+                    raise CacheError(f"the cached copy is damaged again after fetching it: {exc}"
+                                     ) from None
+                await self.damaged(state, fd, exc)
+            finally:
+                state.reads_in_flight -= 1
+                state.close_retired()
+        raise AssertionError("unreachable")
+
+    async def damaged(self, state: VersionState, fd: int | None, exc: Exception) -> None:
+        """The copy of a version in `fd` failed a check: never serve it again; remove it from
+        the cache and fetch the version again (readers wait for it), or fail when offline."""
+        if fd is None or fd < 0 or state.fd != fd:
+            return  # another reader found it first: the new copy is on its way
+        self.repairs += 1
+        offline = self.offline()
+        log.error("artifact %s, version %s: the cached copy is damaged (%s): %s",
+                  self.describe(state.artifact_id), state.version_id[:12], exc,
+                  "the API is unreachable, so it cannot be fetched again until it answers"
+                  if offline else "fetching it again")
+        state.fd = state.sums = None
+        state.retired.append(fd)
+        state.progress = Progress()
+        await trio.to_thread.run_sync(self.cache.drop_damaged, state.version_id, fd)
+        if state.fd is None:
+            self.ensure(state, data=True)
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -549,10 +604,9 @@ class VersionStore:
     async def enforce_cache_size(self, incoming: int = 0) -> None:
         """Bring the cache under its cap, with room for `incoming` more bytes: idle versions
         let go of their data first."""
-        if self.cache.max_bytes is None:
-            return
-        room = max(self.cache.max_bytes - incoming, 0)
         usage = await trio.to_thread.run_sync(self.cache.usage)
+        cap = await trio.to_thread.run_sync(self.cache.cap, usage)
+        room = max(cap.bytes - incoming, 0)
         if usage <= room:
             return
         busy = set()
@@ -562,12 +616,14 @@ class VersionStore:
                 busy.add(state.version_id)
             elif state.fd is not None and state.fd >= 0:
                 os.close(state.fd)  # drops our shared lock; the next open fetches it again
-                state.fd = None
+                state.fd = state.sums = None
         await trio.to_thread.run_sync(self.cache.evict, room, frozenset(busy))
 
     def close(self) -> None:
         for state in self.states.values():
             state.set_index(None)
+            state.reads_in_flight = 0
+            state.close_retired()
             if state.fd is not None and state.fd >= 0:
                 try:
                     os.close(state.fd)
