@@ -356,7 +356,8 @@ def test_prefetch_mistakes_in_a_mount(broken_server: DevServer, mount_vm0fs: Mou
     assert trap.connections == 0
     assert snapshot(m.cache_dir / "versions") == before  # nothing of the broken version
     status = vm0fs("status", str(m.path))
-    assert "artifact 'truncated'" in status.stdout and "(no cap set)" in status.stdout
+    assert "artifact 'truncated'" in status.stdout
+    assert "(no --cache-size: keeps 5% of the cache's filesystem" in status.stdout
 
 
 def test_prefetch_says_what_it_did_without_stale_bars(broken_server: DevServer,

@@ -217,7 +217,7 @@ def cached_versions(cache: Path) -> set[str]:
 def assert_entry_sound(cache: Path, version_id: str) -> None:
     """A published entry: its index matches its data (what a crash must never break)."""
     folder = cache / "versions" / version_id
-    index = TreeIndex.open(folder / "index.bin")
+    index = TreeIndex.load(folder / "index.bin")
     assert index.tar_size == (folder / "data.tar").stat().st_size
 
 

@@ -233,7 +233,8 @@ class Cache:
 
     # -- who uses it ---------------------------------------------------------------------
 
-    def hold_in_use(self, mountpoint: str = "", api_url: str = "") -> InUse:
+    def hold_in_use(self, mountpoint: str = "", api_url: str = "",
+                    cache_size: int | None = None) -> InUse:
         """Mark the cache as used by a mount until the returned handle is closed."""
         fd = os.open(self.root / IN_USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -244,7 +245,7 @@ class Cache:
             return InUse(fd, None, None)  # `cache info` will not name this mount: no harm
         fcntl.flock(record, fcntl.LOCK_EX)
         os.write(record, json.dumps({"mountpoint": mountpoint, "api_url": api_url,
-                                     "pid": os.getpid()}).encode())
+                                     "pid": os.getpid(), "cache_size": cache_size}).encode())
         return InUse(fd, record, path)
 
     def in_use(self) -> bool:
@@ -276,7 +277,7 @@ class Cache:
                 if _lock(fd, fcntl.LOCK_SH):
                     continue  # its mount has ended (the next mount's clean-up removes it)
                 found.append(json.loads(os.pread(fd, 65536, 0)))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 continue
             finally:
                 os.close(fd)

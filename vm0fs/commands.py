@@ -428,22 +428,36 @@ def version_names(cache: Cache) -> dict[str, str]:
     names: dict[str, str] = {}
     for namespace in sorted(cache.listings.glob("*/")):
         artifacts: dict[str, str] = {}
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        with contextlib.suppress(Exception):
             for raw in json.loads((namespace / "artifacts.json").read_text()):
                 artifacts[raw["id"]] = raw["name"]
                 current = raw.get("current_version") or {}
                 if current.get("id"):
                     names[current["id"]] = raw["name"]
         for record in namespace.glob("artifact-*.json"):  # one artifact's own newer record
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            with contextlib.suppress(Exception):
                 raw = json.loads(record.read_text())["record"]
                 artifacts[raw["id"]] = raw["name"]
         for listing in namespace.glob("versions-*.json"):
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            with contextlib.suppress(Exception):
                 for raw in json.loads(listing.read_text()):
                     if raw.get("artifact_id") in artifacts:
                         names[raw["id"]] = artifacts[raw["artifact_id"]]
     return names
+
+
+def _caps(cache: Cache, mounts: list[dict[str, Any]], usage: int) -> list[dict[str, Any]]:
+    """The caps in force: each mount's --cache-size, else what keeps the disk's share free."""
+    caps = []
+    for m in mounts:
+        size = m.get("cache_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            caps.append({"bytes": size, "reason": f"--cache-size of the mount at "
+                                                  f"{m.get('mountpoint')}"})
+    if cache.exists and (len(caps) < len(mounts) or not mounts):
+        default = cache.cap(usage)
+        caps.append({"bytes": default.bytes, "reason": default.reason})
+    return caps
 
 
 def cache_info(cache_dir: Path, as_json: bool) -> int:
@@ -454,6 +468,7 @@ def cache_info(cache_dir: Path, as_json: bool) -> int:
     data = {"dir": str(cache.root), "exists": cache.exists,
             "bytes": sum(e[1] for e in entries), "versions": len(entries),
             "in_use": cache.in_use(), "mounts": mounts_now,
+            "caps": _caps(cache, mounts_now, sum(e[1] for e in entries)),
             "entries": [{"version_id": vid, "artifact": names.get(vid), "bytes": size,
                          "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used))}
                         for vid, size, used in sorted(entries, key=lambda e: -e[2])]}
@@ -471,7 +486,8 @@ def cache_info(cache_dir: Path, as_json: bool) -> int:
                   f"({m.get('api_url')}, pid {m.get('pid')})")
     else:
         print(f"in use:    {'yes, by a mount of an earlier vm0fs' if data['in_use'] else 'no'}")
-    print("cap:       set per mount with --cache-size")
+    for cap in data["caps"]:
+        print(f"cap:       {human(cap['bytes'])} ({cap['reason']})")
     for e in data["entries"]:
         print(f"  {e['version_id'][:12]}  {e['artifact'] or '(artifact unknown)':<24} "
               f"{human(e['bytes']):>10}  last used {e['last_used']}")

@@ -75,10 +75,12 @@ def status_text(status: dict[str, Any]) -> str:
         f"mounted since:  {status['mounted_since']}",
         f"opens:          {status['open_mode']}",
         f"cache:          {cache['dir']}",
-        f"cache use:      {human(cache['bytes'])} "
-        + (f"of a {human(cache['cap'])} cap" if cache["cap"] is not None else "(no cap set)")
-        + f", {cache['versions']} version(s) cached",
+        f"cache use:      {human(cache['bytes'])} of a {human(cache['cap'])} cap "
+        f"({cache['cap_reason']}), {cache['versions']} version(s) cached",
     ]
+    if cache.get("damaged_copies"):
+        lines.append(f"damaged:        {cache['damaged_copies']} cached cop(ies) failed a check "
+                     "and were dropped (see last errors)")
     memory = status.get("memory")
     if memory:
         lines.append(f"memory:         {human(memory['rss'])} resident (peak "

@@ -109,13 +109,14 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except Exception as exc:  # noqa: BLE001 - the mount must never die
             code = errno_for(exc)
-            if code == errno.EIO and not isinstance(exc, OSError):
-                # Our own errors explain themselves; anything else is a bug: keep its traceback.
-                # (The key leaves out the request id, which differs every time.)
+            if code == errno.EIO:
+                # Every EIO says why, in the log and so in `vm0fs status`. Our own errors
+                # explain themselves; anything else is a bug: keep its traceback. (The key
+                # leaves out the request id, which differs every time.)
                 reason = exc.message if isinstance(exc, ApiError) else str(exc)
                 log_once(logging.WARNING, f"{type(exc).__name__}: {reason}",
                          f"{handler.__name__} failed: {exc}",
-                         exc_info=not isinstance(exc, Vm0fsError))
+                         exc_info=not isinstance(exc, Vm0fsError | OSError))
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper
@@ -308,6 +309,7 @@ class Operations(pyfuse3.Operations):
     async def status(self) -> dict[str, Any]:
         """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
         entries = await trio.to_thread.run_sync(self.cache.entries)
+        cap = await trio.to_thread.run_sync(self.cache.cap, sum(e[1] for e in entries))
         names = {a.id: name for name, a in folder_names(self.artifacts_dir.listing or []).items()}
         downloads = [
             {"artifact": names.get(state.artifact_id, state.artifact_id),
@@ -323,7 +325,8 @@ class Operations(pyfuse3.Operations):
             "offline": self.listings.stale,
             "open_mode": self.open_mode,
             "cache": {"dir": str(self.cache.root), "bytes": sum(e[1] for e in entries),
-                      "cap": self.cache.max_bytes, "versions": len(entries)},
+                      "cap": cap.bytes, "cap_reason": cap.reason, "versions": len(entries),
+                      "damaged_copies": self.store.repairs},
             "downloads": downloads,
             "downloads_total": self.store.downloads,
             "memory": {**process_memory(), **self.store.memory()},

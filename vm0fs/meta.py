@@ -3,11 +3,12 @@
 How fresh an answer is (the README's "Caching and freshness" says the same):
 - a listing whose refresh ended less than `ttl` seconds ago answers without a request;
 - an older one is refreshed, and the access waits for that refresh only while it is a single
-  request, and at most `stale_after` seconds: a listing of one page (an artifact's record, the
-  versions of most artifacts, the artifact list of an account with up to 100) is fresh at that
-  access. A walk of more pages (as the last walk of that listing was, or as its first page
-  says) is not waited for: the last listing answers, and the walk's result answers every access
-  after it ends;
+  request, and at most `stale_after` seconds, once (after a wait in vain, accesses answer from
+  the last listing at once for OFFLINE_BACKOFF seconds): a listing of one page (an artifact's
+  record, the versions of most artifacts, the artifact list of an account with up to 100) is
+  fresh at that access. A walk of more pages (as the last walk of that listing was, or as its
+  first page says) is not waited for: the last listing answers, and the walk's result answers
+  every access after it ends;
 - a listing never fetched is waited for, whole.
 One refresh per listing at a time, however many callers ask. Refreshes of different listings run
 side by side, a few at a time; the pages of one walk come one after another. An artifact's own
@@ -62,9 +63,35 @@ def listing_namespace(api_url: str, api_key: str) -> str:
     return hashlib.sha256(f"{api_url}\0{api_key}".encode()).hexdigest()[:16]
 
 
-def _artifact_from_dict(raw: dict[str, Any]) -> Artifact:
-    current = raw.get("current_version")
-    return Artifact(**{**raw, "current_version": Version(**current) if current else None})
+# What each field of a kept listing must be: a file damaged on disk is refused whole.
+_KINDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "artifact_id": (str,), "name": (str,), "current_version_id": (str, type(None)),
+    "size": (int,), "file_count": (int,), "message": (str, type(None)),
+    "created_by": (str, type(None)), "created_at": (int, float), "updated_at": (int, float),
+    "current_version": (dict, type(None)),
+}
+
+
+def _checked(cls: type, raw: Any) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise ValueError(f"not a kept {cls.__name__.lower()}")
+    for name in names:
+        value = raw[name]
+        if not isinstance(value, _KINDS[name]) or isinstance(value, bool):
+            raise ValueError(f"{name} is a {type(value).__name__}")
+    return raw
+
+
+def _version_from_dict(raw: Any) -> Version:
+    return Version(**_checked(Version, raw))
+
+
+def _artifact_from_dict(raw: Any) -> Artifact:
+    fields = _checked(Artifact, raw)
+    current = fields["current_version"]
+    return Artifact(**{**fields, "current_version": _version_from_dict(current)
+                       if current is not None else None})
 
 
 @dataclasses.dataclass
@@ -81,6 +108,7 @@ class _Refresh:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.settled = trio.Event()  # done, or a walk of more pages: no one who knows it waits
+        self.slow = False  # someone waited `stale_after` for it in vain: nobody waits again
         self.value: Any = None
         self.error: Exception | None = None
 
@@ -106,6 +134,7 @@ class Listings:
         self.stale_after = STALE_AFTER
         self._clock = clock
         self._offline_until = 0.0
+        self._slow_until = 0.0  # a refresh was waited for in vain until then: do not wait
         self._offline_backoff = offline_backoff
         self.last_error: BaseException | None = None
         self.stale = False  # the last answer came from the last known listing: API slow or down
@@ -239,9 +268,14 @@ class Listings:
             # Wait for one request, not for a walk of many pages (as the last one was, or as
             # its first page says), and never long: past that, the last listing answers and
             # the refresh goes on behind it.
-            if not entry.long:
-                with trio.move_on_after(self.stale_after):
+            if not entry.long and not refresh.slow and not self.slow:
+                with trio.move_on_after(self.stale_after) as waited:
                     await refresh.settled.wait()
+                if waited.cancelled_caught:
+                    # The API is slow or hangs: for a while, every access that has a last
+                    # listing answers with it at once (one `ls` is many accesses).
+                    refresh.slow = True
+                    self._slow_until = self._clock() + self._offline_backoff
             if not refresh.done.is_set():
                 if not refresh.settled.is_set() and not entry.long:
                     self.stale = True  # a slow or hanging API
@@ -288,6 +322,7 @@ class Listings:
             self._warned = False
             self.stale = False
             self.last_error = None
+            self._slow_until = 0.0
             refresh.value = await self._keep(key, value, entry, asked, long)
         finally:
             self._refreshes.pop(key, None)
@@ -346,6 +381,11 @@ class Listings:
     # -- offline -----------------------------------------------------------------------
 
     @property
+    def slow(self) -> bool:
+        """Whether a refresh was waited for in vain moments ago (the API hangs)."""
+        return self._clock() < self._slow_until
+
+    @property
     def offline(self) -> bool:
         """Whether the API failed so recently that asking again is not worth the wait."""
         return self._clock() < self._offline_until
@@ -396,14 +436,16 @@ class Listings:
     def _load(self, key: str) -> Any:
         path = self._path(key)
         try:
-            raw = json.loads(path.read_text())
+            raw = _read_json(path)
+            if not isinstance(raw, list):
+                raise ValueError("not a list")
             if key == ARTIFACTS:
                 return self._with_own_records([_artifact_from_dict(r) for r in raw])
-            return [Version(**r) for r in raw]
+            return [_version_from_dict(r) for r in raw]
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            log.debug("ignoring unreadable listing %s: %s", path, exc)
+        except Exception as exc:  # noqa: BLE001 - any content at all: never fatal
+            _damaged_listing(path, exc)
             return None
 
     def _with_own_records(self, artifacts: list[Artifact]) -> list[Artifact]:
@@ -412,12 +454,26 @@ class Listings:
         records: dict[str, Artifact | None] = {}
         for path in self.store.glob("artifact-*.json"):
             try:
-                raw = json.loads(path.read_text())
+                raw = _read_json(path)
                 record = raw["record"]
-                records[raw["id"]] = _artifact_from_dict(record) if record else None
-            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                log.debug("ignoring unreadable record %s: %s", path, exc)
+                records[raw["id"]] = _artifact_from_dict(record) if record is not None else None
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - any content at all: never fatal
+                _damaged_listing(path, exc)
         if not records:
             return artifacts
         out = [records.get(a.id, a) for a in artifacts]
         return [a for a in out if a is not None]
+
+
+def _read_json(path: Path) -> Any:
+    """A kept listing's JSON. Nesting deep enough to exhaust the parser's recursion is refused
+    (RecursionError, a RuntimeError) like any other damage."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _damaged_listing(path: Path, exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"[:200]
+    log.warning("ignoring the damaged kept listing %s (%s): it is fetched again", path.name,
+                reason)

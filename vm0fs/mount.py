@@ -51,7 +51,7 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         cache = await trio.to_thread.run_sync(Cache, config.cache_dir, config.cache_size)
         await trio.to_thread.run_sync(cache.clean_staging)
         # `vm0fs cache clear` refuses while this is held; `cache info` names the mount.
-        in_use = cache.hold_in_use(str(config.mountpoint), config.api_url)
+        in_use = cache.hold_in_use(str(config.mountpoint), config.api_url, config.cache_size)
         try:
             listings = Listings(client, config.metadata_ttl,
                                 cache.listings / listing_namespace(config.api_url,
@@ -80,8 +80,7 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 nursery.start_soon(_stop_on_signal)
                 if ops.stateless:
                     nursery.start_soon(ops.invalidate_listings)
-                if cache.max_bytes is not None:
-                    nursery.start_soon(store.keep_cache_size)
+                nursery.start_soon(store.keep_cache_size)  # a cap is always in force
                 ready()
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
                 nursery.cancel_scope.cancel()
