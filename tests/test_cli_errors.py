@@ -6,6 +6,7 @@ These run the real commands, as a user would, against real mounts of `vm0fs dev-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,8 +14,10 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,20 @@ from typing import Any
 import archives
 import pytest
 from conftest import DevServer
-from mounting import CLI, REPO, MountFactory, _die_with_parent, bounded, is_mounted, mount_env
+from mounting import (
+    CLI,
+    REPO,
+    Mount,
+    MountFactory,
+    _die_with_parent,
+    bounded,
+    is_mounted,
+    mount_env,
+    pid_alive,
+    pids_using,
+    stop_pid,
+    watchdog,
+)
 
 from vm0fs.cache import MARKER, Cache
 from vm0fs.mount import MountConfig, mount_failure
@@ -544,3 +560,82 @@ def test_another_users_mount_is_left_alone(dev_server: Any, mount_vm0fs: MountFa
                                 capture_output=True, text=True, timeout=60)
         one_line(result, *fragments)
     assert is_mounted(m.path)
+
+
+# -- starting a mount: from any folder, and once per mount point ---------------------------
+
+COMMAND = Path(sys.executable).with_name("vm0fs")  # the installed `vm0fs`, as a user runs it
+
+
+@contextlib.contextmanager
+def background_mounts(mountpoint: Path) -> Iterator[None]:
+    """Whatever background mounts a test starts on `mountpoint` end with it."""
+    try:
+        yield
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True, timeout=30)
+        for pid in pids_using(mountpoint):
+            stop_pid(pid)
+
+
+def wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 20
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in pids), "a mount process outlived its unmount"
+
+
+@pytest.mark.skipif(not COMMAND.exists(), reason="needs the installed vm0fs command")
+@pytest.mark.parametrize("mode", ["background", "foreground"])
+@pytest.mark.parametrize("folder", ["mount point named vm0fs", "vm0fs package here"])
+def test_mount_from_a_folder_holding_a_vm0fs_folder(dev_server: Any, tmp_path: Path, mode: str,
+                                                    folder: str) -> None:
+    """`mkdir vm0fs && vm0fs mount vm0fs`, or a home folder holding something named vm0fs:
+    the process that serves the mount must still import vm0fs itself, not that folder."""
+    srv = dev_server(tmp_path / "data", "--demo")
+    here = tmp_path / "home"
+    (here / "vm0fs").mkdir(parents=True)
+    if folder == "mount point named vm0fs":
+        name = "vm0fs"
+    else:
+        (here / "vm0fs" / "__init__.py").write_text("raise ImportError('not vm0fs')\n")
+        name = "vm0"
+        (here / name).mkdir()
+    mountpoint = here / name
+    args = [str(COMMAND), "mount", name, "--api-url", srv.url, "--cache-dir",
+            str(tmp_path / "cache")]
+    env = mount_env(srv.token)
+    if mode == "foreground":
+        log_path = tmp_path / "mount.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*args, "--foreground"], cwd=here, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    preexec_fn=_die_with_parent)
+        watchdog.add(proc.pid, mountpoint)
+        mount = Mount(mountpoint, proc, tmp_path / "cache", log_path)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mountpoint) and proc.poll() is None:
+                assert time.monotonic() < deadline, mount.log()
+                time.sleep(0.05)
+            assert is_mounted(mountpoint), mount.log()
+            assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+            assert mount.unmount() == 0, mount.log()
+        finally:
+            mount.cleanup()
+        assert "Traceback" not in mount.log()
+        return
+    with background_mounts(mountpoint):
+        result = subprocess.run(args, cwd=here, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=90,
+                                preexec_fn=_die_with_parent)
+        children = pids_using(mountpoint)
+        for pid in children:
+            watchdog.add(pid, mountpoint)
+        assert result.returncode == 0, result.stderr
+        assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+        done = vm0fs("unmount", str(mountpoint))
+        assert done.returncode == 0 and not is_mounted(mountpoint), done.stderr
+        wait_gone(children)

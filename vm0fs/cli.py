@@ -17,6 +17,9 @@ from vm0fs import __version__
 
 DEFAULT_API_URL = "https://api.vm0.ai"
 READY_TIMEOUT = 60.0  # seconds the background mount may take to answer
+# How vm0fs runs itself. -P: not with the current folder first on sys.path, where a folder
+# named `vm0fs` (a clone, say) would be imported instead of vm0fs.
+SELF = [sys.executable, "-P", "-m", "vm0fs.cli"]
 
 MOUNT_EXAMPLES = """examples:
   export VM0_API_KEY=vm0_live_...
@@ -264,8 +267,7 @@ def _reexec_without_key(key: str, argv: list[str]) -> None:
     fd = _key_pipe(key)
     os.set_inheritable(fd, True)
     env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
-    os.execve(sys.executable, [sys.executable, "-m", "vm0fs.cli", *argv, "--key-fd", str(fd)],
-              env)
+    os.execve(sys.executable, [*SELF, *argv, "--key-fd", str(fd)], env)
 
 
 def _report(args: argparse.Namespace, error: str | None) -> int:
@@ -299,8 +301,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
         return fail(f"cannot write the log file {log_file}: {exc.strerror}")
     read_end, write_end = os.pipe()
     key_fd = _key_pipe(config.api_key)  # type: ignore[attr-defined]
-    argv = [sys.executable, "-m", "vm0fs.cli", "mount", str(args.mountpoint.expanduser()
-                                                              .absolute()),
+    argv = [*SELF, "mount", str(args.mountpoint.expanduser().absolute()),
             "--foreground", "--key-fd", str(key_fd), "--ready-fd", str(write_end),
             "--log-file", str(log_file), "--metadata-ttl", str(args.metadata_ttl),
             "--cache-dir", str(cache_dir)]
@@ -319,7 +320,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
     # The key goes through a pipe, not the environment or argv: `ps e` would show those.
     env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                             pass_fds=(write_end, key_fd), start_new_session=True)
+                             pass_fds=(write_end, key_fd), start_new_session=True, cwd="/")
     os.close(write_end)
     os.close(key_fd)
     log.close()
