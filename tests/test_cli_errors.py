@@ -639,3 +639,50 @@ def test_mount_from_a_folder_holding_a_vm0fs_folder(dev_server: Any, tmp_path: P
         done = vm0fs("unmount", str(mountpoint))
         assert done.returncode == 0 and not is_mounted(mountpoint), done.stderr
         wait_gone(children)
+
+
+def mounts_at(path: Path) -> int:
+    with open("/proc/self/mounts") as table:
+        return sum(1 for line in table if line.split()[1:2] == [str(path)])
+
+
+def test_two_mounts_started_at_once_on_one_folder(dev_server: Any, tmp_path: Path) -> None:
+    """One mounts; the other says, in one line, that the folder is a mount point already."""
+    srv = dev_server(tmp_path / "data", "--demo", "--latency-ms", "200")  # a wider window
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with background_mounts(mountpoint):
+        procs = [subprocess.Popen(
+            [*CLI, "mount", str(mountpoint), "--api-url", srv.url, "--cache-dir",
+             str(tmp_path / f"cache-{i}")], cwd=REPO, env=mount_env(srv.token),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_die_with_parent) for i in range(2)]
+        results = [proc.communicate(timeout=90) for proc in procs]
+        for pid in pids_using(mountpoint):
+            watchdog.add(pid, mountpoint)
+        codes = sorted(proc.returncode for proc in procs)
+        assert codes[0] == 0 and codes[1] != 0, results
+        lost = next(err for proc, (_, err) in zip(procs, results, strict=True) if proc.returncode)
+        lines = lost.strip().splitlines()
+        assert len(lines) == 1 and f"{mountpoint} is already a mount point" in lines[0], lost
+        assert mounts_at(mountpoint) == 1
+        deadline = time.monotonic() + 20
+        while len(pids_using(mountpoint)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pids_using(mountpoint)) == 1  # the loser's mount process ended
+        assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+
+
+@pytest.mark.parametrize("mode", ["background", "foreground"])
+def test_a_mount_inside_a_vm0fs_mount_is_refused(broken_server: DevServer,
+                                                 mount_vm0fs: MountFactory, tmp_path: Path,
+                                                 mode: str) -> None:
+    m = mount_vm0fs(broken_server)
+    inside = m.artifacts / "scratchpad"  # an artifact with no versions: an empty folder
+    assert m.run(os.listdir, inside) == []
+    with background_mounts(inside):
+        result = vm0fs("mount", str(inside), "--api-url", broken_server.url, "--cache-dir",
+                       str(tmp_path / "cache"), *(["--foreground"] if mode == "foreground" else []),
+                       token=broken_server.token)
+    one_line(result, f"is inside the vm0fs mount at {m.path}", "outside it")
+    assert mounts_at(inside) == 0

@@ -11,6 +11,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -24,6 +25,7 @@ from vm0fs.meta import Listings, listing_namespace
 from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
     MountConfig,
     MountError,
+    MountLock,
     check_mountpoint,
     unmount,
 )
@@ -45,7 +47,24 @@ def mount_options(config: MountConfig) -> set[str]:
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 client: ApiClient | None = None) -> None:
     """Mount, serve until unmounted or signalled, then unmount. Raises MountError early on."""
-    check_mountpoint(config.mountpoint)
+    lock = await _lock(config.mountpoint)
+    try:
+        check_mountpoint(config.mountpoint)
+        await _serve(config, ready, client, lock)
+    finally:
+        lock.close()
+
+
+async def _lock(mountpoint: Path) -> MountLock:
+    """Wait while another vm0fs is between its checks and its mount on the same folder."""
+    lock = MountLock(mountpoint)
+    while not lock.acquire():
+        await trio.sleep(0.05)
+    return lock
+
+
+async def _serve(config: MountConfig, ready: Callable[[], None], client: ApiClient | None,
+                 lock: MountLock) -> None:
     client = client or ApiClient(config.api_url, config.api_key, retry_time=config.api_retry_time)
     async with client:
         cache = await trio.to_thread.run_sync(Cache, config.cache_dir, config.cache_size)
@@ -70,6 +89,8 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         except BaseException:
             in_use.close()  # no mount: the cache is not in use after all
             raise
+        finally:
+            lock.close()  # mounted (or not): another mount here now finds out which
         logging.getLogger("vm0fs").addHandler(recent_errors)
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
