@@ -157,6 +157,26 @@ def test_usage_mistakes_are_one_line(args: list[str]) -> None:
     one_line(vm0fs(*args), "--help")
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--metadata-ttl", "-1"], "not a number of seconds"),
+    (["--metadata-ttl", "nan"], "not a number of seconds"),
+    (["--metadata-ttl", "inf"], "not a number of seconds"),
+    (["--cache-grace", "-3"], "not a number of seconds"),
+    (["--cache-size", "-5G"], "a size cannot be negative"),
+    (["--cache-size=-5G"], "a size cannot be negative"),
+    (["--max-version-size", "-1"], "a size cannot be negative"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_numbers_out_of_range_are_refused(tmp_path: Path, args: list[str],
+                                          fragment: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one_line(vm0fs("mount", str(mnt), *args, token="k"), fragment, "vm0fs mount --help")
+    assert not is_mounted(mnt) and list(tmp_path.iterdir()) == [mnt]
+    if "size" in fragment:
+        one_line(vm0fs("cache", "prune", "--max-size", "-1", "--cache-dir", str(tmp_path / "c")),
+                 fragment)
+
+
 @pytest.mark.parametrize("url, fragment", [
     ("notaurl", "not an http:// or https:// URL"), ("ftp://host", "not an http:// or https://"),
     ("http://[::1", "is not a URL"),

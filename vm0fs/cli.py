@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import select
@@ -33,6 +34,8 @@ MOUNT_EXAMPLES = """examples:
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5T', '4096' -> bytes (binary units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*", text, re.IGNORECASE)
+    if not match and text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative; try 10G or 512M")
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)")
     number, unit = match.groups()
@@ -45,6 +48,39 @@ def positive_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} leaves no room at all (try 10G, 512M)")
     return size
+
+
+def seconds(text: str) -> float:
+    """A number of seconds: 0 or more, and finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds: give 0 or more, "
+                                         "such as 30 or 0.5")
+    return value
+
+
+# Options whose value may be written with a leading "-" by mistake: argparse would take "-5G"
+# for an option and say "expected one argument" instead of what is wrong with it.
+VALUE_OPTIONS = frozenset({"--cache-size", "--max-version-size", "--max-size",
+                           "--metadata-ttl", "--cache-grace"})
+
+
+def join_dashed_values(argv: list[str]) -> list[str]:
+    """["--cache-size", "-5G"] -> ["--cache-size=-5G"], which argparse hands to the type."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if (argv[i] in VALUE_OPTIONS and i + 1 < len(argv)
+                and re.match(r"-[\d.]", argv[i + 1])):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def check_api_url(url: str) -> str | None:
@@ -91,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"API base URL (default: $VM0_API_URL or {DEFAULT_API_URL})")
     mount.add_argument("--cache-dir", type=Path, default=None,
                        help="cache folder (default: $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
-    mount.add_argument("--metadata-ttl", type=float, default=60.0, metavar="SECONDS",
+    mount.add_argument("--metadata-ttl", type=seconds, default=60.0, metavar="SECONDS",
                        help="how long listings are cached (default: 60)")
     mount.add_argument("--cache-size", type=positive_size, default=None, metavar="SIZE",
                        help="cap the cache, e.g. 10G (default: no cap)")
-    mount.add_argument("--cache-grace", type=float, default=None, metavar="SECONDS",
+    mount.add_argument("--cache-grace", type=seconds, default=None, metavar="SECONDS",
                        help="a version read in the last SECONDS is not evicted by the cap "
                             "(default: 300)")
     mount.add_argument("--max-version-size", type=positive_size, default=None, metavar="SIZE",
@@ -415,7 +451,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         return devserver.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dashed_values(argv))
     if args.command == "mount":
         return cmd_mount(args, argv)
     if args.command in ("unmount", "umount"):
