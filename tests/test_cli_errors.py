@@ -458,6 +458,22 @@ def test_a_refused_connection_fails_at_once(tmp_path: Path) -> None:
     assert result.returncode != 0 and not is_mounted(mnt)
 
 
+def test_https_to_a_plain_http_server_fails_at_once(dev_server: Any, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path / "data", "--demo")
+    url = srv.url.replace("http://", "https://")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for mode in ([], ["--foreground", "--debug"]):
+        result = vm0fs("mount", str(mnt), "--api-url", url, "--cache-dir", str(tmp_path / "c"),
+                       *mode, token=srv.token)
+        assert "retrying" not in result.stderr and not is_mounted(mnt)  # one attempt only
+        assert "does not speak TLS" in result.stderr.strip().splitlines()[-1], result.stderr
+        if not mode:
+            one_line(result, "does not speak TLS", "http://")
+    one_line(vm0fs("prefetch", "training-run", "--api-url", url, "--cache-dir",
+                   str(tmp_path / "c"), token=srv.token), "does not speak TLS", "http://")
+
+
 @pytest.fixture
 def web_server(tmp_path: Path) -> Iterator[str]:
     """Some other HTTP server (a static web server) where the API should be."""
