@@ -722,3 +722,23 @@ def test_a_mount_inside_a_vm0fs_mount_is_refused(broken_server: DevServer,
                        token=broken_server.token)
     one_line(result, f"is inside the vm0fs mount at {m.path}", "outside it")
     assert mounts_at(inside) == 0
+
+
+@pytest.mark.parametrize("args", [["cache", "info", "--json"], ["cache", "info"], ["--help"],
+                                  ["mount", "--help"], ["--version"]], ids=" ".join)
+def test_a_reader_that_goes_away_is_a_normal_end(tmp_path: Path, args: list[str]) -> None:
+    """`vm0fs cache info --json | head -1`: no "Broken pipe", no failure status."""
+    cache = Cache(tmp_path / "cache")
+    staging = cache.stage(VID)
+    os.write(staging.fd, bytes(100))
+    os.close(cache.publish(staging, TreeBuilder(0)).fd)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        result = subprocess.run([*CLI, *args, *(["--cache-dir", str(cache.root)] if (
+            args[0] == "cache") else [])], cwd=REPO, env=mount_env(None),
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, text=True,
+            timeout=60, preexec_fn=_die_with_parent)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")

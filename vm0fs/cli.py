@@ -427,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure a user can cause ends in one line on stderr and a non-zero status;
     VM0FS_DEBUG=1 shows the traceback of anything unexpected."""
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a reader that went away can be told from a failure
+        return status
+    except BrokenPipeError:  # `vm0fs ... | head -1`: the reader has all it wanted
+        _drop_stdout()
+        return 0
     except KeyboardInterrupt:
         print("vm0fs: interrupted", file=sys.stderr)
         return 130
@@ -442,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{exc.filename}: " if exc.filename else ""
             return fail(f"{where}{exc.strerror or exc}")
         return fail(f"unexpected {type(exc).__name__}: {exc} (VM0FS_DEBUG=1 shows where)")
+
+
+def _drop_stdout() -> None:
+    """Output to a closed pipe is over: send the rest (and the flush at exit) nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _main(argv: list[str] | None = None) -> int:

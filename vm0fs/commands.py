@@ -516,6 +516,8 @@ def run(command: Any, *args: Any) -> int:
     except Vm0fsError as exc:
         print(f"vm0fs: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away: `cli.main` ends quietly
+        raise
     except OSError as exc:  # a folder we cannot read, a full disk: said in one line
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"vm0fs: {where}{exc.strerror or exc}", file=sys.stderr)
