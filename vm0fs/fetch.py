@@ -21,6 +21,7 @@ import trio
 from vm0fs.archive import GrowingFile, Member, Progress, TarSink, scan_members
 from vm0fs.cache import Cache, Entry
 from vm0fs.tree import TreeBuilder
+from vm0fs.units import human
 
 log = logging.getLogger("vm0fs.fetch")
 
@@ -126,13 +127,14 @@ class Fetch:
             on_step()  # readers move to the published file before ours is closed
             os.close(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
-        log.info("version %s: %d members, %.1f MB in %.1f s (%.1f MB/s)", self.version_id[:12],
-                 self.members, sink.written / 1e6, elapsed, sink.written / 1e6 / elapsed)
+        log.info("version %s: %d members, download %s, unpacked %s in %.1f s (%s/s)",
+                 self.version_id[:12], self.members, human(self.received), human(sink.written),
+                 elapsed, human(sink.written / elapsed))
         return entry
 
     async def _receive(self, sink: TarSink, on_step: Callable[[], None]) -> None:
-        log.info("downloading version %s of artifact %s (%.1f MB uncompressed)",
-                 self.version_id[:12], self.artifact_id, self.expected_size / 1e6)
+        log.info("downloading version %s of artifact %s (files %s)",
+                 self.version_id[:12], self.artifact_id, human(self.expected_size))
         last_log = time.monotonic()
         async for chunk in self.client.download(self.artifact_id, self.version_id):
             self.received += len(chunk)
@@ -140,8 +142,9 @@ class Fetch:
             on_step()
             if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
                 last_log = time.monotonic()
-                log.info("downloading version %s: %.1f of %.1f MB", self.version_id[:12],
-                         self.progress.durable / 1e6, self.expected_size / 1e6)
+                log.info("downloading version %s: download %s so far, unpacked %s (files %s)",
+                         self.version_id[:12], human(self.received),
+                         human(self.progress.durable), human(self.expected_size))
         self.progress.advance(await trio.to_thread.run_sync(sink.finish))
         self.progress.end()
         on_step()
