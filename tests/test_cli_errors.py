@@ -415,6 +415,25 @@ def test_info_and_status_name_what_is_wrong(broken_server: DevServer,
     one_line(vm0fs("info", str(m.artifacts / "training-run" / "current" / "nope")), "no 'nope'")
 
 
+def test_status_without_a_mountpoint(broken_server: DevServer, mount_vm0fs: MountFactory,
+                                     tmp_path: Path) -> None:
+    """Outside a mount, `vm0fs status` says to give a MOUNTPOINT and which mounts there are;
+    with one mount of yours it shows that one, inside a mount the one you are in."""
+    outside = vm0fs("status", cwd=tmp_path)
+    if outside.returncode:  # mounts of other tests on this machine may be running
+        one_line(outside, "current folder is not inside a vm0fs mount", "give a MOUNTPOINT")
+    m = mount_vm0fs(broken_server)
+    inside = vm0fs("status", cwd=m.artifacts)
+    assert inside.returncode == 0 and f"mounted at:     {m.path}\n" in inside.stdout
+    outside = vm0fs("status", cwd=tmp_path)
+    if outside.returncode:  # not our only mount: then it is named
+        one_line(outside, "give a MOUNTPOINT", "yours: ", str(m.path))
+    else:
+        assert f"mounted at:     {m.path}\n" in outside.stdout
+    one_line(vm0fs("status", str(tmp_path)), "is not inside a vm0fs mount", "give a path in one",
+             str(m.path))
+
+
 def test_commands_on_a_dead_mount(broken_server: DevServer, mount_vm0fs: MountFactory) -> None:
     m = mount_vm0fs(broken_server)
     m.proc.kill()  # kill -9: the mount stays behind, dead

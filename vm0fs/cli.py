@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="what a mount is doing", epilog="example:\n  vm0fs status ~/vm0",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
+    status.add_argument("mountpoint", type=Path, nargs="?", default=None,
+                        help="a vm0fs mount, or a path in one (default: the one the current "
+                             "folder is in, else your only one)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     info = commands.add_parser(

@@ -64,7 +64,8 @@ def locate(path: Path) -> MountPath:
     if found is None:
         if not os.path.lexists(path.expanduser()):
             raise CommandError(f"{path}: no such file or folder")
-        raise CommandError(f"{path} is not inside a vm0fs mount")
+        raise CommandError(f"{path} is not inside a vm0fs mount: give a path in one "
+                           f"({which_mounts()})")
     entry, absolute = found
     mountpoint = Path(entry.path)
     check_alive(entry)
@@ -78,6 +79,31 @@ def locate(path: Path) -> MountPath:
         where.version = os.path.basename(os.path.realpath(link))
         where.rest = "/".join(parts[3:])
     return where
+
+
+def my_mounts() -> list[str]:
+    """This user's vm0fs mount points (root's are theirs), from the mount table."""
+    return [m.path for m in mounts() if m.is_vm0fs and m.user_id in (None, os.getuid())]
+
+
+def which_mounts() -> str:
+    mine = my_mounts()
+    if not mine:
+        return "you have none running: vm0fs mount DIR starts one"
+    return "yours: " + ", ".join(mine)
+
+
+def default_mount() -> Path:
+    """The mount to show when none is given: the one the current folder is in, else this
+    user's only one."""
+    here = vm0fs_mount_of(os.getcwd())
+    if here is not None:
+        return Path(here[0].path)
+    mine = my_mounts()
+    if len(mine) == 1:
+        return Path(mine[0])
+    raise CommandError(f"the current folder is not inside a vm0fs mount: give a MOUNTPOINT "
+                       f"({which_mounts()})")
 
 
 def check_alive(entry: MountEntry) -> None:
@@ -117,8 +143,10 @@ def say(text: str) -> None:
 # -- status and info -----------------------------------------------------------------------
 
 
-def status(mountpoint: Path, as_json: bool) -> int:
-    data = read_json(locate(mountpoint).mountpoint / CONTROL_DIR / "status.json")
+def status(mountpoint: Path | None, as_json: bool) -> int:
+    """The status of the mount `mountpoint` is in (default: see `default_mount`)."""
+    where = locate(mountpoint if mountpoint is not None else default_mount())
+    data = read_json(where.mountpoint / CONTROL_DIR / "status.json")
     if as_json:
         print(json.dumps(data, indent=2))
     else:
