@@ -78,7 +78,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 DEFAULT_TOKEN = "dev-token"
@@ -969,8 +969,15 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like the other commands (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vm0fs dev-server: {message} (see vm0fs dev-server --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vm0fs dev-server",
         description="Serve a local implementation of the vm0 Artifacts API from a folder.",
     )
@@ -1031,14 +1038,22 @@ def _make_server(host: str, port: int, handler: type[BaseHandler], app: App) -> 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     data_dir: Path = args.data_dir
-    if args.demo and (not data_dir.exists() or not any(data_dir.iterdir())):
-        from vm0fs.samples import write_demo_data
+    if args.demo:
+        from vm0fs.samples import DEMO_ARTIFACTS, write_demo_data
 
-        write_demo_data(data_dir)
+        if not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir())):
+            write_demo_data(data_dir)
+        elif data_dir.is_dir() and not all((data_dir / n).is_dir() for n in DEMO_ARTIFACTS):
+            print(f"vm0fs dev-server: {data_dir} is not empty, so --demo serves it as it is, "
+                  "without the samples (give an empty or new folder for them)", file=sys.stderr)
     if not data_dir.is_dir():
-        print(f"vm0fs dev-server: data dir not found: {data_dir}", file=sys.stderr)
+        print(f"vm0fs dev-server: data dir not found: {data_dir} (create it, or add --demo "
+              "to fill a new one with samples)", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("VM0_API_KEY") or DEFAULT_TOKEN
+    if not args.token and os.environ.get("VM0_API_KEY"):
+        print("vm0fs dev-server: the token is the value of $VM0_API_KEY (give --token to "
+              "choose another)", file=sys.stderr)
     try:
         state = State({k: getattr(args, k) for k in FAULT_DEFAULTS})
     except HttpError as err:
