@@ -143,6 +143,15 @@ def test_usage_mistakes_are_one_line(args: list[str]) -> None:
     assert lines[0].startswith("vm0fs dev-server: ") and "--help" in lines[0]
 
 
+def test_a_temporary_log_is_removed_with_its_server(tmp_path: Path) -> None:
+    from conftest import start_dev_server
+
+    srv = start_dev_server(tmp_path)  # no log_path: a temporary file
+    assert srv.log_path.exists()
+    srv.stop()
+    assert not srv.log_path.exists()
+
+
 # --- listing and pagination -----------------------------------------------------------------
 
 
