@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -491,6 +492,25 @@ def test_https_to_a_plain_http_server_fails_at_once(dev_server: Any, tmp_path: P
             one_line(result, "does not speak TLS", "http://")
     one_line(vm0fs("prefetch", "training-run", "--api-url", url, "--cache-dir",
                    str(tmp_path / "c"), token=srv.token), "does not speak TLS", "http://")
+
+
+def test_failed_background_mounts_log_with_timestamps(broken_server: DevServer,
+                                                      tmp_path: Path) -> None:
+    """The log of background mounts gets each failure as a log line, not a bare `vm0fs: `."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    sock, port = closed_port()
+    with sock, background_mounts(mnt):
+        one_line(vm0fs("mount", str(mnt), "--api-url", f"http://127.0.0.1:{port}",
+                       "--cache-dir", str(cache), token="k"), "connection refused")
+        one_line(vm0fs("mount", str(mnt), "--api-url", broken_server.url, "--cache-dir",
+                       str(cache), "-o", "no_such_option", token=broken_server.token),
+                 "unknown option", "no_such_option")
+    lines = (cache / "vm0fs.log").read_text().splitlines()
+    stamped = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ [A-Z]+ vm0fs")
+    assert lines and all(stamped.match(line) for line in lines), lines
+    assert sum("ERROR" in line for line in lines) == 2 and not is_mounted(mnt)
 
 
 @pytest.fixture

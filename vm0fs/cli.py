@@ -233,6 +233,8 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     # starts it returns sooner without them.
     from vm0fs.mountpoint import MountConfig, MountError, check_mountpoint
 
+    if args.ready_fd is not None:  # the process a background mount started: log from the start
+        setup_logging(args.debug, args.log_file)
     key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
         return _report(args, "no API key: set VM0_API_KEY")
@@ -317,6 +319,9 @@ def _report(args: argparse.Namespace, error: str | None) -> int:
         except OSError:
             pass
         args.ready_fd = None
+        if error is not None:  # the parent tells the user; the log gets it with a timestamp
+            logging.getLogger("vm0fs.mount").error("%s", error)
+            return 1
     if error is None:
         return 0
     return fail(error)

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -143,8 +142,9 @@ def _init_fuse(ops: Operations, config: MountConfig) -> None:
             os.close(saved)
         capture.seek(0)
         said = capture.read().decode(errors="replace")
-    if said:
-        sys.stderr.write(said)  # still in the log
+    for line in said.splitlines():  # still in the log, as log lines
+        if line.strip():
+            log.warning("%s", line.strip())
     if failure is not None:
         raise MountError(mount_failure(config, said, str(failure)))
 
