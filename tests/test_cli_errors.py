@@ -42,7 +42,7 @@ from mounting import (
 )
 
 from vm0fs.cache import MARKER, Cache
-from vm0fs.mount import MountConfig, mount_failure
+from vm0fs.mount import MountConfig, fuse_device_hint, mount_failure
 from vm0fs.tree import TreeBuilder
 
 pytest_plugins = ["mounting"]
@@ -570,6 +570,28 @@ def test_mount_failures_carry_the_reason(said: str, fragments: list[str]) -> Non
     assert "\n" not in message and message.startswith("cannot mount /mnt: ")
     for fragment in fragments:
         assert fragment in message
+
+
+def test_a_fuse_device_that_is_not_usable_says_what_fixes_it(tmp_path: Path) -> None:
+    device = tmp_path / "fuse"
+    device.touch()
+    nobody = {"uid": 65534, "groups": {65534}}
+    os.chown(device, 0, 0)
+    os.chmod(device, 0o600)  # what this hint is for: root's only
+    hint = fuse_device_hint(str(device), **nobody)
+    assert f"chmod 666 {device}" in hint and "-rw------- root:root" in hint
+    assert "usermod" not in hint  # joining the group root is no fix
+    os.chown(device, 0, 65534)
+    os.chmod(device, 0o660)
+    assert fuse_device_hint(str(device), uid=65534, groups={65534}) == ""  # in its group
+    assert "usermod -aG " in fuse_device_hint(str(device), uid=65534, groups=set())
+    os.chmod(device, 0o666)
+    assert fuse_device_hint(str(device), uid=65534, groups=set()) == ""
+    assert "modprobe fuse" in fuse_device_hint(str(tmp_path / "none"))
+    config = MountConfig(Path("/mnt"), "http://x", "k", Path("/c"))
+    message = mount_failure(config, "fusermount3: failed to exec fusermount3: No such file\n",
+                            "failed")
+    assert "apt-get install fuse3" in message
 
 
 def _as_user_possible() -> bool:
