@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--xattrs", action="store_true",
                        help="answer extended attributes (user.vm0.*) on artifact and version "
                             "folders; off by default because `ls -l` then costs two more "
-                            "requests a file")
+                            "kernel round trips a file")
     mount.add_argument("--debug", action="store_true", help="log every step")
     mount.add_argument("--log-file", type=Path, default=None,
                        help="log here (default: stderr in the foreground, "
@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)
 
-    umount = commands.add_parser("unmount", aliases=["umount"], help="unmount a vm0fs mount")
+    umount = commands.add_parser(
+        "unmount", aliases=["umount"], help="unmount a vm0fs mount",
+        epilog="examples:\n  vm0fs unmount ~/vm0\n  vm0fs unmount --lazy ~/vm0   # busy: "
+               "detach now, finish when the last user leaves",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     umount.add_argument("mountpoint", type=Path)
     umount.add_argument("-z", "--lazy", action="store_true",
                         help="detach now even if busy; cleaned up when no longer used")
@@ -188,20 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cache folder for NAMEs fetched from the API (default: the "
                                "mount's, else $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
 
-    cache = commands.add_parser("cache", help="look after the cache: info, clear, prune")
+    cache = commands.add_parser(
+        "cache", help="look after the cache: info, clear, prune",
+        epilog="examples:\n  vm0fs cache info\n  vm0fs cache prune --max-size 5G\n"
+               "  vm0fs cache clear --cache-dir /data/vm0fs-cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    for name, help_text in (("info", "size, entries and location"),
-                            ("clear", "remove every cached version"),
-                            ("prune", "evict least recently used versions down to a size")):
-        action = cache_commands.add_parser(name, help=help_text)
-        action.add_argument("--cache-dir", type=Path, default=None)
+    for name, help_text, example in (
+            ("info", "size on disk, versions and location", "vm0fs cache info --json"),
+            ("clear", "remove every cached version", "vm0fs cache clear"),
+            ("prune", "evict least recently used versions down to a size",
+             "vm0fs cache prune --max-size 5G")):
+        action = cache_commands.add_parser(
+            name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        action.add_argument("--cache-dir", type=Path, default=None,
+                            help="the cache folder (default: $XDG_CACHE_HOME/vm0fs or "
+                                 "~/.cache/vm0fs)")
         if name == "info":
             action.add_argument("--json", action="store_true")
         if name == "clear":
             action.add_argument("--force", action="store_true",
                                 help="even while a mount uses the cache (its open versions stay)")
         if name == "prune":
-            action.add_argument("--max-size", type=parse_size, required=True, metavar="SIZE")
+            action.add_argument("--max-size", type=parse_size, required=True, metavar="SIZE",
+                                help="what the cache may hold on disk afterwards, e.g. 5G")
 
     commands.add_parser("dev-server", help="run a local Artifacts API server (see --help)",
                         add_help=False)

@@ -979,7 +979,12 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="vm0fs dev-server",
-        description="Serve a local implementation of the vm0 Artifacts API from a folder.",
+        description="Serve a local implementation of the vm0 Artifacts API from a folder.\n"
+        f"Clients authenticate with --token, else $VM0_API_KEY, else {DEFAULT_TOKEN!r}.",
+        epilog="examples:\n"
+        "  vm0fs dev-server --data-dir /tmp/data --demo --port 8080 --token dev-token\n"
+        "  VM0_API_KEY=dev-token vm0fs mount ~/vm0 --api-url http://127.0.0.1:8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data-dir", required=True, type=Path, help="one folder per artifact")
     p.add_argument("--host", default="127.0.0.1")
