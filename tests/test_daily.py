@@ -75,6 +75,23 @@ def test_prefetch_by_name_then_mount_downloads_nothing(dev_server: DevServer,
     assert srv.stats()["requests"]["download"] == 0
 
 
+def test_prefetch_by_name_is_enough_to_mount_offline(dev_server: DevServer,
+                                                     mount_vm0fs: MountFactory,
+                                                     tmp_path: Path) -> None:
+    """Prefetch keeps the listings it read, as a mount does: with the API gone, a mount of that
+    cache shows the artifacts and reads the versions fetched."""
+    srv = dev_server(tmp_path / "data", "--demo")
+    cache = tmp_path / "cache"
+    result = run_cli("prefetch", "training-run", "--api-url", srv.url, "--cache-dir",
+                     str(cache), token=srv.token)
+    assert result.returncode == 0, result.stderr
+    srv.stop()  # the same URL, nothing listening any more
+    m = mount_vm0fs(srv, cache_dir=cache)
+    assert "training-run" in m.run(os.listdir, m.artifacts)
+    readme = m.artifacts / "training-run" / "current" / "README.md"
+    assert m.run(readme.read_text).startswith("#")
+
+
 def test_prefetch_through_a_mount(dev_server: DevServer, mount_vm0fs: MountFactory,
                                   tmp_path: Path) -> None:
     srv = dev_server(tmp_path / "data", "--demo")
