@@ -293,7 +293,8 @@ _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQU
 def _tls_failure(error: BaseException) -> str | None:
     """Why a TLS handshake cannot succeed on another attempt, or None."""
     if isinstance(error, ssl.SSLCertVerificationError):
-        return f"its TLS certificate is not accepted ({error.verify_message})"
+        return (f"its TLS certificate is not accepted ({error.verify_message}): fix the "
+                "server's certificate, or point SSL_CERT_FILE at the CA that signed it")
     if isinstance(error, ssl.SSLError) and error.reason in _NOT_TLS:
         return "the server does not speak TLS there: for a plain-HTTP server, use http://"
     return None
