@@ -248,7 +248,8 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     # starts it returns sooner without them.
     from vm0fs.mountpoint import MountConfig, MountError, check_mountpoint
 
-    if args.ready_fd is not None:  # the process a background mount started: log from the start
+    started_by_mount = args.ready_fd is not None  # by a background `vm0fs mount`
+    if started_by_mount:  # its log file has every line from the start
         setup_logging(args.debug, args.log_file)
     key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
@@ -285,7 +286,8 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     from vm0fs.errors import Vm0fsError
     from vm0fs.mount import serve
 
-    setup_logging(args.debug, args.log_file)
+    if not started_by_mount:
+        setup_logging(args.debug, args.log_file)
 
     def ready() -> None:
         _report(args, None)

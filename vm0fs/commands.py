@@ -82,7 +82,8 @@ def locate(path: Path) -> MountPath:
 
 
 def my_mounts() -> list[str]:
-    """This user's vm0fs mount points (root's are theirs), from the mount table."""
+    """This user's vm0fs mount points, from the mount table (one that does not say whose it
+    is counts as this user's)."""
     return [m.path for m in mounts() if m.is_vm0fs and m.user_id in (None, os.getuid())]
 
 
