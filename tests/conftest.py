@@ -44,6 +44,7 @@ class DevServer:
     token: str
     data_dir: Path
     log_path: Path
+    own_log: bool = False  # a temporary log of ours: removed by `stop`
 
     @property
     def auth(self) -> dict[str, str]:
@@ -85,6 +86,8 @@ class DevServer:
                 self.proc.wait(timeout)
         if self.proc.stdout:
             self.proc.stdout.close()
+        if self.own_log:
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
 
@@ -97,14 +100,16 @@ def start_dev_server(
     timeout: float = START_TIMEOUT,
 ) -> DevServer:
     """Start the server and wait (bounded) for its one stdout line. token=None leaves --token
-    out, so the server falls back to $VM0_API_KEY (from `env`) or dev-token."""
+    out, so the server falls back to $VM0_API_KEY (from `env`) or dev-token. Without `log_path`, its
+stderr goes to a temporary file that `stop` removes."""
     cmd = [sys.executable, "-m", "vm0fs.cli", "dev-server", "--data-dir", str(data_dir), *args]
     if token is not None:
         cmd += ["--token", token]
     full_env = {**os.environ, **(env or {})}
     if env is None or "VM0_API_KEY" not in env:
         full_env.pop("VM0_API_KEY", None)  # the developer's real key must not leak in
-    if log_path is None:
+    own_log = log_path is None
+    if log_path is None:  # removed again by `stop`
         fd, name = tempfile.mkstemp(prefix="vm0fs-dev-server-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
@@ -128,12 +133,13 @@ def start_dev_server(
     if not m:
         proc.kill()
         proc.wait(10)
-        raise RuntimeError(
-            f"dev-server did not start (line {line!r}, exit {proc.returncode}): "
-            + log_path.read_text(errors="replace")
-        )
+        said = log_path.read_text(errors="replace")
+        if own_log:
+            log_path.unlink(missing_ok=True)
+        raise RuntimeError(f"dev-server did not start (line {line!r}, exit {proc.returncode}): "
+                           + said)
     real_token = token or full_env.get("VM0_API_KEY") or "dev-token"
-    return DevServer(proc, m[1], m[2], real_token, Path(data_dir), log_path)
+    return DevServer(proc, m[1], m[2], real_token, Path(data_dir), log_path, own_log)
 
 
 @pytest.fixture

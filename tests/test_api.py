@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
@@ -1039,3 +1040,38 @@ def test_another_web_server_is_named_as_such(status: int) -> None:
     text = str(info.value)
     assert "does not answer like the vm0 Artifacts API" in text and "<" not in text
     assert not isinstance(info.value, NotFound | Unavailable)
+
+
+@pytest.mark.parametrize(("headers", "said"), [
+    ({"content-type": "application/xml"}, "gave an application/xml body"),
+    ({"content-type": "text/html; charset=utf-8"}, "gave a text/html body"),
+    ({}, "gave a body with no content type"),
+])
+def test_the_kind_of_body_is_said_in_good_english(headers: dict[str, str], said: str) -> None:
+    client, _, _ = make(lambda r: httpx.Response(200, content=b"<x/>", headers=headers))
+    with pytest.raises(ApiError) as info:
+        run(client.list_artifacts)
+    assert said in str(info.value)
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+     "does not speak TLS"),
+    (ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+                                     "failed"), "TLS certificate is not accepted"),
+])
+def test_a_tls_handshake_that_cannot_succeed_is_not_retried(error: ssl.SSLError,
+                                                            said: str) -> None:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        error.verify_message = "self-signed certificate"
+    else:
+        error.reason = "WRONG_VERSION_NUMBER"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(error)) from error
+
+    client, clock, seen = make(handler)
+    with pytest.raises(Unavailable) as info:
+        run(client.list_artifacts)
+    assert said in str(info.value) and "attempt" not in str(info.value)
+    assert len(seen) == 1 and clock.sleeps == []

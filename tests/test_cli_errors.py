@@ -6,15 +6,19 @@ These run the real commands, as a user would, against real mounts of `vm0fs dev-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,23 @@ from typing import Any
 import archives
 import pytest
 from conftest import DevServer
-from mounting import CLI, REPO, MountFactory, _die_with_parent, bounded, is_mounted, mount_env
+from mounting import (
+    CLI,
+    REPO,
+    Mount,
+    MountFactory,
+    _die_with_parent,
+    bounded,
+    is_mounted,
+    mount_env,
+    pid_alive,
+    pids_using,
+    stop_pid,
+    watchdog,
+)
 
 from vm0fs.cache import MARKER, Cache
-from vm0fs.mount import MountConfig, mount_failure
+from vm0fs.mount import MountConfig, fuse_device_hint, mount_failure
 from vm0fs.tree import TreeBuilder
 
 pytest_plugins = ["mounting"]
@@ -139,6 +156,26 @@ def test_prefetch_refuses_a_folder_that_is_not_a_cache(tmp_path: Path) -> None:
 ], ids=lambda a: " ".join(a))
 def test_usage_mistakes_are_one_line(args: list[str]) -> None:
     one_line(vm0fs(*args), "--help")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--metadata-ttl", "-1"], "not a number of seconds"),
+    (["--metadata-ttl", "nan"], "not a number of seconds"),
+    (["--metadata-ttl", "inf"], "not a number of seconds"),
+    (["--cache-grace", "-3"], "not a number of seconds"),
+    (["--cache-size", "-5G"], "a size cannot be negative"),
+    (["--cache-size=-5G"], "a size cannot be negative"),
+    (["--max-version-size", "-1"], "a size cannot be negative"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_numbers_out_of_range_are_refused(tmp_path: Path, args: list[str],
+                                          fragment: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one_line(vm0fs("mount", str(mnt), *args, token="k"), fragment, "vm0fs mount --help")
+    assert not is_mounted(mnt) and list(tmp_path.iterdir()) == [mnt]
+    if "size" in fragment:
+        one_line(vm0fs("cache", "prune", "--max-size", "-1", "--cache-dir", str(tmp_path / "c")),
+                 fragment)
 
 
 @pytest.mark.parametrize("url, fragment", [
@@ -380,6 +417,25 @@ def test_info_and_status_name_what_is_wrong(broken_server: DevServer,
     one_line(vm0fs("info", str(m.artifacts / "training-run" / "current" / "nope")), "no 'nope'")
 
 
+def test_status_without_a_mountpoint(broken_server: DevServer, mount_vm0fs: MountFactory,
+                                     tmp_path: Path) -> None:
+    """Outside a mount, `vm0fs status` says to give a MOUNTPOINT and which mounts there are;
+    with one mount of yours it shows that one, inside a mount the one you are in."""
+    outside = vm0fs("status", cwd=tmp_path)
+    if outside.returncode:  # mounts of other tests on this machine may be running
+        one_line(outside, "current folder is not inside a vm0fs mount", "give a MOUNTPOINT")
+    m = mount_vm0fs(broken_server)
+    inside = vm0fs("status", cwd=m.artifacts)
+    assert inside.returncode == 0 and f"mounted at:     {m.path}\n" in inside.stdout
+    outside = vm0fs("status", cwd=tmp_path)
+    if outside.returncode:  # not our only mount: then it is named
+        one_line(outside, "give a MOUNTPOINT", "yours: ", str(m.path))
+    else:
+        assert f"mounted at:     {m.path}\n" in outside.stdout
+    one_line(vm0fs("status", str(tmp_path)), "is not inside a vm0fs mount", "give a path in one",
+             str(m.path))
+
+
 def test_commands_on_a_dead_mount(broken_server: DevServer, mount_vm0fs: MountFactory) -> None:
     m = mount_vm0fs(broken_server)
     m.proc.kill()  # kill -9: the mount stays behind, dead
@@ -421,6 +477,41 @@ def test_a_refused_connection_fails_at_once(tmp_path: Path) -> None:
     assert "retrying" not in result.stderr  # no attempt beyond the first
     assert "connection refused" in result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and not is_mounted(mnt)
+
+
+def test_https_to_a_plain_http_server_fails_at_once(dev_server: Any, tmp_path: Path) -> None:
+    srv = dev_server(tmp_path / "data", "--demo")
+    url = srv.url.replace("http://", "https://")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for mode in ([], ["--foreground", "--debug"]):
+        result = vm0fs("mount", str(mnt), "--api-url", url, "--cache-dir", str(tmp_path / "c"),
+                       *mode, token=srv.token)
+        assert "retrying" not in result.stderr and not is_mounted(mnt)  # one attempt only
+        assert "does not speak TLS" in result.stderr.strip().splitlines()[-1], result.stderr
+        if not mode:
+            one_line(result, "does not speak TLS", "http://")
+    one_line(vm0fs("prefetch", "training-run", "--api-url", url, "--cache-dir",
+                   str(tmp_path / "c"), token=srv.token), "does not speak TLS", "http://")
+
+
+def test_failed_background_mounts_log_with_timestamps(broken_server: DevServer,
+                                                      tmp_path: Path) -> None:
+    """The log of background mounts gets each failure as a log line, not a bare `vm0fs: `."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    sock, port = closed_port()
+    with sock, background_mounts(mnt):
+        one_line(vm0fs("mount", str(mnt), "--api-url", f"http://127.0.0.1:{port}",
+                       "--cache-dir", str(cache), token="k"), "connection refused")
+        one_line(vm0fs("mount", str(mnt), "--api-url", broken_server.url, "--cache-dir",
+                       str(cache), "-o", "no_such_option", token=broken_server.token),
+                 "unknown option", "no_such_option")
+    lines = (cache / "vm0fs.log").read_text().splitlines()
+    stamped = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ [A-Z]+ vm0fs")
+    assert lines and all(stamped.match(line) for line in lines), lines
+    assert sum("ERROR" in line for line in lines) == 2 and not is_mounted(mnt)
 
 
 @pytest.fixture
@@ -480,6 +571,28 @@ def test_mount_failures_carry_the_reason(said: str, fragments: list[str]) -> Non
     assert "\n" not in message and message.startswith("cannot mount /mnt: ")
     for fragment in fragments:
         assert fragment in message
+
+
+def test_a_fuse_device_that_is_not_usable_says_what_fixes_it(tmp_path: Path) -> None:
+    device = tmp_path / "fuse"
+    device.touch()
+    nobody = {"uid": 65534, "groups": {65534}}
+    os.chown(device, 0, 0)
+    os.chmod(device, 0o600)  # what this hint is for: root's only
+    hint = fuse_device_hint(str(device), **nobody)
+    assert f"chmod 666 {device}" in hint and "-rw------- root:root" in hint
+    assert "usermod" not in hint  # joining the group root is no fix
+    os.chown(device, 0, 65534)
+    os.chmod(device, 0o660)
+    assert fuse_device_hint(str(device), uid=65534, groups={65534}) == ""  # in its group
+    assert "usermod -aG " in fuse_device_hint(str(device), uid=65534, groups=set())
+    os.chmod(device, 0o666)
+    assert fuse_device_hint(str(device), uid=65534, groups=set()) == ""
+    assert "modprobe fuse" in fuse_device_hint(str(tmp_path / "none"))
+    config = MountConfig(Path("/mnt"), "http://x", "k", Path("/c"))
+    message = mount_failure(config, "fusermount3: failed to exec fusermount3: No such file\n",
+                            "failed")
+    assert "apt-get install fuse3" in message
 
 
 def _as_user_possible() -> bool:
@@ -545,3 +658,149 @@ def test_another_users_mount_is_left_alone(dev_server: Any, mount_vm0fs: MountFa
                                 capture_output=True, text=True, timeout=60)
         one_line(result, *fragments)
     assert is_mounted(m.path)
+
+
+# -- starting a mount: from any folder, and once per mount point ---------------------------
+
+COMMAND = Path(sys.executable).with_name("vm0fs")  # the installed `vm0fs`, as a user runs it
+
+
+@contextlib.contextmanager
+def background_mounts(mountpoint: Path) -> Iterator[None]:
+    """Whatever background mounts a test starts on `mountpoint` end with it."""
+    try:
+        yield
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True, timeout=30)
+        for pid in pids_using(mountpoint):
+            stop_pid(pid)
+
+
+def wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 20
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in pids), "a mount process outlived its unmount"
+
+
+@pytest.mark.skipif(not COMMAND.exists(), reason="needs the installed vm0fs command")
+@pytest.mark.parametrize("mode", ["background", "foreground"])
+@pytest.mark.parametrize("folder", ["mount point named vm0fs", "vm0fs package here"])
+def test_mount_from_a_folder_holding_a_vm0fs_folder(dev_server: Any, tmp_path: Path, mode: str,
+                                                    folder: str) -> None:
+    """`mkdir vm0fs && vm0fs mount vm0fs`, or a home folder holding something named vm0fs:
+    the process that serves the mount must still import vm0fs itself, not that folder."""
+    srv = dev_server(tmp_path / "data", "--demo")
+    here = tmp_path / "home"
+    (here / "vm0fs").mkdir(parents=True)
+    if folder == "mount point named vm0fs":
+        name = "vm0fs"
+    else:
+        (here / "vm0fs" / "__init__.py").write_text("raise ImportError('not vm0fs')\n")
+        name = "vm0"
+        (here / name).mkdir()
+    mountpoint = here / name
+    args = [str(COMMAND), "mount", name, "--api-url", srv.url, "--cache-dir",
+            str(tmp_path / "cache")]
+    env = mount_env(srv.token)
+    if mode == "foreground":
+        log_path = tmp_path / "mount.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*args, "--foreground"], cwd=here, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    preexec_fn=_die_with_parent)
+        watchdog.add(proc.pid, mountpoint)
+        mount = Mount(mountpoint, proc, tmp_path / "cache", log_path)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mountpoint) and proc.poll() is None:
+                assert time.monotonic() < deadline, mount.log()
+                time.sleep(0.05)
+            assert is_mounted(mountpoint), mount.log()
+            assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+            assert mount.unmount() == 0, mount.log()
+        finally:
+            mount.cleanup()
+        assert "Traceback" not in mount.log()
+        return
+    with background_mounts(mountpoint):
+        result = subprocess.run(args, cwd=here, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=90,
+                                preexec_fn=_die_with_parent)
+        children = pids_using(mountpoint)
+        for pid in children:
+            watchdog.add(pid, mountpoint)
+        assert result.returncode == 0, result.stderr
+        assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+        done = vm0fs("unmount", str(mountpoint))
+        assert done.returncode == 0 and not is_mounted(mountpoint), done.stderr
+        wait_gone(children)
+
+
+def mounts_at(path: Path) -> int:
+    with open("/proc/self/mounts") as table:
+        return sum(1 for line in table if line.split()[1:2] == [str(path)])
+
+
+def test_two_mounts_started_at_once_on_one_folder(dev_server: Any, tmp_path: Path) -> None:
+    """One mounts; the other says, in one line, that the folder is a mount point already."""
+    srv = dev_server(tmp_path / "data", "--demo", "--latency-ms", "200")  # a wider window
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with background_mounts(mountpoint):
+        procs = [subprocess.Popen(
+            [*CLI, "mount", str(mountpoint), "--api-url", srv.url, "--cache-dir",
+             str(tmp_path / f"cache-{i}")], cwd=REPO, env=mount_env(srv.token),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_die_with_parent) for i in range(2)]
+        results = [proc.communicate(timeout=90) for proc in procs]
+        for pid in pids_using(mountpoint):
+            watchdog.add(pid, mountpoint)
+        codes = sorted(proc.returncode for proc in procs)
+        assert codes[0] == 0 and codes[1] != 0, results
+        lost = next(err for proc, (_, err) in zip(procs, results, strict=True) if proc.returncode)
+        lines = lost.strip().splitlines()
+        assert len(lines) == 1 and f"{mountpoint} is already a mount point" in lines[0], lost
+        assert mounts_at(mountpoint) == 1
+        deadline = time.monotonic() + 20
+        while len(pids_using(mountpoint)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pids_using(mountpoint)) == 1  # the loser's mount process ended
+        assert "training-run" in bounded(os.listdir, mountpoint / "artifacts")
+
+
+@pytest.mark.parametrize("mode", ["background", "foreground"])
+def test_a_mount_inside_a_vm0fs_mount_is_refused(broken_server: DevServer,
+                                                 mount_vm0fs: MountFactory, tmp_path: Path,
+                                                 mode: str) -> None:
+    m = mount_vm0fs(broken_server)
+    inside = m.artifacts / "scratchpad"  # an artifact with no versions: an empty folder
+    assert m.run(os.listdir, inside) == []
+    with background_mounts(inside):
+        result = vm0fs("mount", str(inside), "--api-url", broken_server.url, "--cache-dir",
+                       str(tmp_path / "cache"), *(["--foreground"] if mode == "foreground" else []),
+                       token=broken_server.token)
+    one_line(result, f"is inside the vm0fs mount at {m.path}", "outside it")
+    assert mounts_at(inside) == 0
+
+
+@pytest.mark.parametrize("args", [["cache", "info", "--json"], ["cache", "info"], ["--help"],
+                                  ["mount", "--help"], ["--version"]], ids=" ".join)
+def test_a_reader_that_goes_away_is_a_normal_end(tmp_path: Path, args: list[str]) -> None:
+    """`vm0fs cache info --json | head -1`: no "Broken pipe", no failure status."""
+    cache = Cache(tmp_path / "cache")
+    staging = cache.stage(VID)
+    os.write(staging.fd, bytes(100))
+    os.close(cache.publish(staging, TreeBuilder(0)).fd)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        result = subprocess.run([*CLI, *args, *(["--cache-dir", str(cache.root)] if (
+            args[0] == "cache") else [])], cwd=REPO, env=mount_env(None),
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, text=True,
+            timeout=60, preexec_fn=_die_with_parent)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")

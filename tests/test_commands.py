@@ -78,10 +78,15 @@ def test_commands_outside_a_mount_fail_in_one_line(args: list[str], message: str
 
 def test_help_and_version() -> None:
     assert "vm0fs" in vm0fs("--version").stdout
-    for command in ("mount", "prefetch", "info", "status"):
-        result = vm0fs(command, "--help")
-        assert result.returncode == 0 and "usage:" in result.stdout
-    assert "example" in vm0fs("mount", "--help").stdout
+    for command in ("mount", "unmount", "prefetch", "info", "status", "cache", "cache info",
+                    "cache clear", "cache prune", "dev-server"):
+        result = vm0fs(*command.split(), "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, command
+        assert "example" in result.stdout, command  # as the README says: every command
+    words = " ".join(vm0fs("mount", "--help").stdout.split())
+    assert "two more kernel round trips a file" in words  # what --xattrs costs
+    words = " ".join(vm0fs("dev-server", "--help").stdout.split())
+    assert "--token, else $VM0_API_KEY, else 'dev-token'" in words
 
 
 def test_mount_without_a_key_is_one_line(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ def test_status_and_info_commands(dev_server: DevServer, mount_vm0fs: MountFacto
     assert info["version"]["message"] == "Epoch 3 complete, final metrics"
     text = run_cli("info", str(m.path / "artifacts" / "training-run")).stdout
     assert "versions:" in text and vid[:12] in text
+    assert re.search(r"KiB in +\d+ files", text)
+    assert re.search(r"size of files: +[\d.]+ KiB", run_cli("info", str(inside)).stdout)
+    assert "KiB on disk" in status.stdout
     before = srv.stats()["requests"]
     run_cli("info", str(inside))
     assert srv.stats()["requests"] == before  # answered from the cached listing
@@ -53,13 +57,39 @@ def test_prefetch_by_name_then_mount_downloads_nothing(dev_server: DevServer,
                      "--api-url", srv.url, "--cache-dir", str(cache), token=srv.token)
     assert result.returncode == 1  # one target failed, the others were fetched
     assert "no-such-artifact" in result.stderr and "Traceback" not in result.stderr
+    fetched = [line for line in result.stdout.splitlines() if "fetched" in line]
+    assert len(fetched) == 2, result.stdout
+    for line in fetched:  # each size says which one it is, in one unit style
+        assert re.search(r"\(download [\d.]+ (B|KiB), files [\d.]+ (B|KiB), "
+                         r"on disk [\d.]+ KiB\)$", line), line
     info = json.loads(run_cli("cache", "info", "--json", "--cache-dir", str(cache)).stdout)
     assert info["versions"] == 2
+    # The listings prefetch read are kept as a mount keeps them: the versions have names.
+    assert sorted(e["artifact"] for e in info["entries"]) == ["eval-results", "training-run"]
+    text = run_cli("cache", "info", "--cache-dir", str(cache)).stdout
+    assert "artifact unknown" not in text and "on disk:" in text
     srv.reset()
     m = mount_vm0fs(srv, cache_dir=cache)
     for name in ("training-run", "eval-results"):
         m.run(os.listdir, m.path / "artifacts" / name / "current")
     assert srv.stats()["requests"]["download"] == 0
+
+
+def test_prefetch_by_name_is_enough_to_mount_offline(dev_server: DevServer,
+                                                     mount_vm0fs: MountFactory,
+                                                     tmp_path: Path) -> None:
+    """Prefetch keeps the listings it read, as a mount does: with the API gone, a mount of that
+    cache shows the artifacts and reads the versions fetched."""
+    srv = dev_server(tmp_path / "data", "--demo")
+    cache = tmp_path / "cache"
+    result = run_cli("prefetch", "training-run", "--api-url", srv.url, "--cache-dir",
+                     str(cache), token=srv.token)
+    assert result.returncode == 0, result.stderr
+    srv.stop()  # the same URL, nothing listening any more
+    m = mount_vm0fs(srv, cache_dir=cache)
+    assert "training-run" in m.run(os.listdir, m.artifacts)
+    readme = m.artifacts / "training-run" / "current" / "README.md"
+    assert m.run(readme.read_text).startswith("#")
 
 
 def test_prefetch_through_a_mount(dev_server: DevServer, mount_vm0fs: MountFactory,
@@ -93,4 +123,6 @@ def test_mount_options_df_du_and_progress_log(dev_server: DevServer, mount_vm0fs
     assert vfs.f_namemax == 255 and vfs.f_blocks > 0  # the cache's use
     log = m.log()
     assert "downloading version" in log and "members" in log  # what a waiting `ls` waits for
+    assert " MB" not in log and "kB" not in log  # sizes in one style, named: files, download
+    assert re.search(r"\(files [\d.]+ KiB\)", log) and re.search(r"download [\d.]+ KiB", log)
     assert "DEBUG" in log and srv.token not in log

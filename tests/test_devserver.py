@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -113,10 +115,12 @@ def test_token_from_env_and_default(dev_server: Start, tmp_path: Path) -> None:
     with srv.client(auth=False) as c:
         r = c.get("/v1/artifacts", headers={"Authorization": "Bearer dev-token"})
         assert r.status_code == 401
+    assert "the token is the value of $VM0_API_KEY" in srv.log()  # said, as it may be real
     srv2 = dev_server(tmp_path, token=None)
     assert srv2.token == "dev-token"
     with srv2.client() as c:
         assert c.get("/v1/artifacts").status_code == 200
+    assert "VM0_API_KEY" not in srv2.log()
 
 
 def test_unknown_routes_404(dev_server: Start, tmp_path: Path) -> None:
@@ -136,8 +140,27 @@ def test_sigint_and_sigterm_exit_zero(dev_server: Start, tmp_path: Path) -> None
 def test_missing_data_dir_fails(tmp_path: Path) -> None:
     from conftest import start_dev_server
 
-    with pytest.raises(RuntimeError, match="data dir not found"):
+    with pytest.raises(RuntimeError, match="data dir not found.*add --demo"):
         start_dev_server(tmp_path / "missing", log_path=tmp_path / "log")
+
+
+@pytest.mark.parametrize("args", [["--port", "0"], ["--data-dir", ".", "--port", "x"],
+                                  ["--data-dir", ".", "--frobnicate"]], ids=" ".join)
+def test_usage_mistakes_are_one_line(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "vm0fs.cli", "dev-server", *args],
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("vm0fs dev-server: ") and "--help" in lines[0]
+
+
+def test_a_temporary_log_is_removed_with_its_server(tmp_path: Path) -> None:
+    from conftest import start_dev_server
+
+    srv = start_dev_server(tmp_path)  # no log_path: a temporary file
+    assert srv.log_path.exists()
+    srv.stop()
+    assert not srv.log_path.exists()
 
 
 # --- listing and pagination -----------------------------------------------------------------
@@ -1230,6 +1253,7 @@ def test_demo_fills_empty_dir(dev_server: Start, tmp_path: Path) -> None:
     with srv2.client() as c:
         assert {a["name"] for a in c.get("/v1/artifacts").json()["data"]} == set(arts)
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == mtimes
+    assert "not empty" not in srv2.log()  # the samples are there: nothing to say
 
 
 def test_demo_leaves_non_empty_dir_alone(dev_server: Start, tmp_path: Path) -> None:
@@ -1237,6 +1261,7 @@ def test_demo_leaves_non_empty_dir_alone(dev_server: Start, tmp_path: Path) -> N
     srv = dev_server(tmp_path, "--demo")
     with srv.client() as c:
         assert [a["name"] for a in c.get("/v1/artifacts").json()["data"]] == ["art"]
+    assert "is not empty, so --demo serves it as it is" in srv.log()  # and says so
 
 
 def test_samples_are_deterministic(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -305,15 +306,41 @@ def _hopeless(exc: BaseException) -> str | None:
             return "no such host"
         if isinstance(error, OSError) and error.errno == errno.ECONNREFUSED:
             return "connection refused (nothing listens there)"
+        tls = _tls_failure(error)
+        if tls:
+            return tls
         if isinstance(error, BaseExceptionGroup):
             todo.extend(error.exceptions)
         todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
     return None
 
 
+# What OpenSSL says when the other end answers a TLS hello with something else (plain HTTP).
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST",
+                      "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"})
+
+
+def _tls_failure(error: BaseException) -> str | None:
+    """Why a TLS handshake cannot succeed on another attempt, or None."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate is not accepted ({error.verify_message}): fix the "
+                "server's certificate, or point SSL_CERT_FILE at the CA that signed it")
+    if isinstance(error, ssl.SSLError) and error.reason in _NOT_TLS:
+        return "the server does not speak TLS there: for a plain-HTTP server, use http://"
+    return None
+
+
 def _body_kind(resp: httpx.Response) -> str:
     kind = resp.headers.get("content-type", "").split(";", 1)[0].strip()
     return kind or "no content type"
+
+
+def _a_body(resp: httpx.Response) -> str:
+    """'an application/xml body', 'a text/html body', 'a body with no content type'."""
+    kind = _body_kind(resp)
+    if kind == "no content type":
+        return "a body with no content type"
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind} body"
 
 
 def _describe(exc: BaseException) -> str:
@@ -617,7 +644,7 @@ class ApiClient:
     def _not_the_api(self, resp: httpx.Response, where: str) -> ApiError:
         """An answer no Artifacts API gives: the URL points at some other server."""
         return ApiError(f"{self._base_url} does not answer like the vm0 Artifacts API ({where} "
-                        f"gave a {_body_kind(resp)} body)", status=resp.status_code,
+                        f"gave {_a_body(resp)})", status=resp.status_code,
                         request_id=resp.headers.get("x-request-id"))
 
     def _fail_fast(self, where: str, exc: httpx.TransportError) -> None:
@@ -748,7 +775,7 @@ class ApiClient:
             elif status < 500 and status != 429:  # a 404 here is no API, not "no such artifact"
                 return self._not_the_api(resp, where)
             else:  # an HTML error page says nothing useful here
-                message = f"{resp.reason_phrase or 'error'} (a {_body_kind(resp)} body)"
+                message = f"{resp.reason_phrase or 'error'} ({_a_body(resp)})"
         message = self._redact(message or resp.reason_phrase or "request failed")
         if status in _REDIRECTS:  # not for JSON endpoints; a Location query may be a credential
             target = resp.url.join(resp.headers.get("location", ""))

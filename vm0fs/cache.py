@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vm0fs.control import human
 from vm0fs.errors import CacheError
 from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder, TreeIndex
+from vm0fs.units import human
 
 log = logging.getLogger("vm0fs.cache")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import select
@@ -17,6 +18,9 @@ from vm0fs import __version__
 
 DEFAULT_API_URL = "https://api.vm0.ai"
 READY_TIMEOUT = 60.0  # seconds the background mount may take to answer
+# How vm0fs runs itself. -P: not with the current folder first on sys.path, where a folder
+# named `vm0fs` (a clone, say) would be imported instead of vm0fs.
+SELF = [sys.executable, "-P", "-m", "vm0fs.cli"]
 
 MOUNT_EXAMPLES = """examples:
   export VM0_API_KEY=vm0_live_...
@@ -30,6 +34,8 @@ MOUNT_EXAMPLES = """examples:
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5T', '4096' -> bytes (binary units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*", text, re.IGNORECASE)
+    if not match and text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative; try 10G or 512M")
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)")
     number, unit = match.groups()
@@ -42,6 +48,39 @@ def positive_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} leaves no room at all (try 10G, 512M)")
     return size
+
+
+def seconds(text: str) -> float:
+    """A number of seconds: 0 or more, and finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds: give 0 or more, "
+                                         "such as 30 or 0.5")
+    return value
+
+
+# Options whose value may be written with a leading "-" by mistake: argparse would take "-5G"
+# for an option and say "expected one argument" instead of what is wrong with it.
+VALUE_OPTIONS = frozenset({"--cache-size", "--max-version-size", "--max-size",
+                           "--metadata-ttl", "--cache-grace"})
+
+
+def join_dashed_values(argv: list[str]) -> list[str]:
+    """["--cache-size", "-5G"] -> ["--cache-size=-5G"], which argparse hands to the type."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if (argv[i] in VALUE_OPTIONS and i + 1 < len(argv)
+                and re.match(r"-[\d.]", argv[i + 1])):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def check_api_url(url: str) -> str | None:
@@ -88,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"API base URL (default: $VM0_API_URL or {DEFAULT_API_URL})")
     mount.add_argument("--cache-dir", type=Path, default=None,
                        help="cache folder (default: $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
-    mount.add_argument("--metadata-ttl", type=float, default=60.0, metavar="SECONDS",
+    mount.add_argument("--metadata-ttl", type=seconds, default=60.0, metavar="SECONDS",
                        help="how long listings are cached (default: 60)")
     mount.add_argument("--cache-size", type=positive_size, default=None, metavar="SIZE",
                        help="cap the cache, e.g. 10G (default: no cap)")
-    mount.add_argument("--cache-grace", type=float, default=None, metavar="SECONDS",
+    mount.add_argument("--cache-grace", type=seconds, default=None, metavar="SECONDS",
                        help="a version read in the last SECONDS is not evicted by the cap "
                             "(default: 300)")
     mount.add_argument("--max-version-size", type=positive_size, default=None, metavar="SIZE",
@@ -106,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--xattrs", action="store_true",
                        help="answer extended attributes (user.vm0.*) on artifact and version "
                             "folders; off by default because `ls -l` then costs two more "
-                            "requests a file")
+                            "kernel round trips a file")
     mount.add_argument("--debug", action="store_true", help="log every step")
     mount.add_argument("--log-file", type=Path, default=None,
                        help="log here (default: stderr in the foreground, "
@@ -114,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     mount.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)
 
-    umount = commands.add_parser("unmount", aliases=["umount"], help="unmount a vm0fs mount")
+    umount = commands.add_parser(
+        "unmount", aliases=["umount"], help="unmount a vm0fs mount",
+        epilog="examples:\n  vm0fs unmount ~/vm0\n  vm0fs unmount --lazy ~/vm0   # busy: "
+               "detach now, finish when the last user leaves",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     umount.add_argument("mountpoint", type=Path)
     umount.add_argument("-z", "--lazy", action="store_true",
                         help="detach now even if busy; cleaned up when no longer used")
@@ -122,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="what a mount is doing", epilog="example:\n  vm0fs status ~/vm0",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
+    status.add_argument("mountpoint", type=Path, nargs="?", default=None,
+                        help="a vm0fs mount, or a path in one (default: the one the current "
+                             "folder is in, else your only one)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     info = commands.add_parser(
@@ -147,20 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cache folder for NAMEs fetched from the API (default: the "
                                "mount's, else $XDG_CACHE_HOME/vm0fs or ~/.cache/vm0fs)")
 
-    cache = commands.add_parser("cache", help="look after the cache: info, clear, prune")
+    cache = commands.add_parser(
+        "cache", help="look after the cache: info, clear, prune",
+        epilog="examples:\n  vm0fs cache info\n  vm0fs cache prune --max-size 5G\n"
+               "  vm0fs cache clear --cache-dir /data/vm0fs-cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    for name, help_text in (("info", "size, entries and location"),
-                            ("clear", "remove every cached version"),
-                            ("prune", "evict least recently used versions down to a size")):
-        action = cache_commands.add_parser(name, help=help_text)
-        action.add_argument("--cache-dir", type=Path, default=None)
+    for name, help_text, example in (
+            ("info", "size on disk, versions and location", "vm0fs cache info --json"),
+            ("clear", "remove every cached version", "vm0fs cache clear"),
+            ("prune", "evict least recently used versions down to a size",
+             "vm0fs cache prune --max-size 5G")):
+        action = cache_commands.add_parser(
+            name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        action.add_argument("--cache-dir", type=Path, default=None,
+                            help="the cache folder (default: $XDG_CACHE_HOME/vm0fs or "
+                                 "~/.cache/vm0fs)")
         if name == "info":
             action.add_argument("--json", action="store_true")
         if name == "clear":
             action.add_argument("--force", action="store_true",
                                 help="even while a mount uses the cache (its open versions stay)")
         if name == "prune":
-            action.add_argument("--max-size", type=parse_size, required=True, metavar="SIZE")
+            action.add_argument("--max-size", type=parse_size, required=True, metavar="SIZE",
+                                help="what the cache may hold on disk afterwards, e.g. 5G")
 
     commands.add_parser("dev-server", help="run a local Artifacts API server (see --help)",
                         add_help=False)
@@ -192,6 +248,9 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     # starts it returns sooner without them.
     from vm0fs.mountpoint import MountConfig, MountError, check_mountpoint
 
+    started_by_mount = args.ready_fd is not None  # by a background `vm0fs mount`
+    if started_by_mount:  # its log file has every line from the start
+        setup_logging(args.debug, args.log_file)
     key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
     if not key:
         return _report(args, "no API key: set VM0_API_KEY")
@@ -227,7 +286,8 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     from vm0fs.errors import Vm0fsError
     from vm0fs.mount import serve
 
-    setup_logging(args.debug, args.log_file)
+    if not started_by_mount:
+        setup_logging(args.debug, args.log_file)
 
     def ready() -> None:
         _report(args, None)
@@ -264,8 +324,7 @@ def _reexec_without_key(key: str, argv: list[str]) -> None:
     fd = _key_pipe(key)
     os.set_inheritable(fd, True)
     env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
-    os.execve(sys.executable, [sys.executable, "-m", "vm0fs.cli", *argv, "--key-fd", str(fd)],
-              env)
+    os.execve(sys.executable, [*SELF, *argv, "--key-fd", str(fd)], env)
 
 
 def _report(args: argparse.Namespace, error: str | None) -> int:
@@ -277,6 +336,9 @@ def _report(args: argparse.Namespace, error: str | None) -> int:
         except OSError:
             pass
         args.ready_fd = None
+        if error is not None:  # the parent tells the user; the log gets it with a timestamp
+            logging.getLogger("vm0fs.mount").error("%s", error)
+            return 1
     if error is None:
         return 0
     return fail(error)
@@ -299,8 +361,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
         return fail(f"cannot write the log file {log_file}: {exc.strerror}")
     read_end, write_end = os.pipe()
     key_fd = _key_pipe(config.api_key)  # type: ignore[attr-defined]
-    argv = [sys.executable, "-m", "vm0fs.cli", "mount", str(args.mountpoint.expanduser()
-                                                              .absolute()),
+    argv = [*SELF, "mount", str(args.mountpoint.expanduser().absolute()),
             "--foreground", "--key-fd", str(key_fd), "--ready-fd", str(write_end),
             "--log-file", str(log_file), "--metadata-ttl", str(args.metadata_ttl),
             "--cache-dir", str(cache_dir)]
@@ -319,7 +380,7 @@ def _mount_in_background(args: argparse.Namespace, config: object) -> int:
     # The key goes through a pipe, not the environment or argv: `ps e` would show those.
     env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                             pass_fds=(write_end, key_fd), start_new_session=True)
+                             pass_fds=(write_end, key_fd), start_new_session=True, cwd="/")
     os.close(write_end)
     os.close(key_fd)
     log.close()
@@ -390,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure a user can cause ends in one line on stderr and a non-zero status;
     VM0FS_DEBUG=1 shows the traceback of anything unexpected."""
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a reader that went away can be told from a failure
+        return status
+    except BrokenPipeError:  # `vm0fs ... | head -1`: the reader has all it wanted
+        _drop_stdout()
+        return 0
     except KeyboardInterrupt:
         print("vm0fs: interrupted", file=sys.stderr)
         return 130
@@ -407,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unexpected {type(exc).__name__}: {exc} (VM0FS_DEBUG=1 shows where)")
 
 
+def _drop_stdout() -> None:
+    """Output to a closed pipe is over: send the rest (and the flush at exit) nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dev-server":
@@ -414,7 +487,7 @@ def _main(argv: list[str] | None = None) -> int:
 
         return devserver.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dashed_values(argv))
     if args.command == "mount":
         return cmd_mount(args, argv)
     if args.command in ("unmount", "umount"):

@@ -11,9 +11,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from rich.console import Console
@@ -29,13 +30,16 @@ from rich.progress import (
 from vm0fs.api import DEFAULT_BASE_URL as DEFAULT_API_URL
 from vm0fs.api import ApiClient, Artifact, Version
 from vm0fs.cache import Cache
-from vm0fs.control import CONTROL_DIR, human, status_text
-from vm0fs.errors import Vm0fsError
+from vm0fs.control import CONTROL_DIR, status_text
+from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fetch import Fetch
 from vm0fs.fs import HEX_PREFIX, folder_names
+from vm0fs.meta import Listings, listing_namespace
 from vm0fs.mounttable import MountEntry, mounts, user_name, vm0fs_mount_of
+from vm0fs.units import human
 
 err = Console(stderr=True, highlight=False)
+_T = TypeVar("_T")
 
 
 class CommandError(Vm0fsError):
@@ -60,7 +64,8 @@ def locate(path: Path) -> MountPath:
     if found is None:
         if not os.path.lexists(path.expanduser()):
             raise CommandError(f"{path}: no such file or folder")
-        raise CommandError(f"{path} is not inside a vm0fs mount")
+        raise CommandError(f"{path} is not inside a vm0fs mount: give a path in one "
+                           f"({which_mounts()})")
     entry, absolute = found
     mountpoint = Path(entry.path)
     check_alive(entry)
@@ -74,6 +79,32 @@ def locate(path: Path) -> MountPath:
         where.version = os.path.basename(os.path.realpath(link))
         where.rest = "/".join(parts[3:])
     return where
+
+
+def my_mounts() -> list[str]:
+    """This user's vm0fs mount points, from the mount table (one that does not say whose it
+    is counts as this user's)."""
+    return [m.path for m in mounts() if m.is_vm0fs and m.user_id in (None, os.getuid())]
+
+
+def which_mounts() -> str:
+    mine = my_mounts()
+    if not mine:
+        return "you have none running: vm0fs mount DIR starts one"
+    return "yours: " + ", ".join(mine)
+
+
+def default_mount() -> Path:
+    """The mount to show when none is given: the one the current folder is in, else this
+    user's only one."""
+    here = vm0fs_mount_of(os.getcwd())
+    if here is not None:
+        return Path(here[0].path)
+    mine = my_mounts()
+    if len(mine) == 1:
+        return Path(mine[0])
+    raise CommandError(f"the current folder is not inside a vm0fs mount: give a MOUNTPOINT "
+                       f"({which_mounts()})")
 
 
 def check_alive(entry: MountEntry) -> None:
@@ -113,8 +144,10 @@ def say(text: str) -> None:
 # -- status and info -----------------------------------------------------------------------
 
 
-def status(mountpoint: Path, as_json: bool) -> int:
-    data = read_json(locate(mountpoint).mountpoint / CONTROL_DIR / "status.json")
+def status(mountpoint: Path | None, as_json: bool) -> int:
+    """The status of the mount `mountpoint` is in (default: see `default_mount`)."""
+    where = locate(mountpoint if mountpoint is not None else default_mount())
+    data = read_json(where.mountpoint / CONTROL_DIR / "status.json")
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -180,7 +213,8 @@ def info(path: Path, as_json: bool) -> int:
     if version:
         rows += [("version id", version["id"]), ("message", version["message"] or ""),
                  ("created by", version["created_by"] or ""),
-                 ("created at", version["created_at"]), ("size", human(version["size"])),
+                 ("created at", version["created_at"]),
+                 ("size of files", human(version["size"])),
                  ("file count", str(version["file_count"]))]
         if where.rest:
             rows.append(("path", where.rest))
@@ -191,7 +225,7 @@ def info(path: Path, as_json: bool) -> int:
         print(f"{key + ':':<{width + 2}}{value}")
     for v in result.get("versions", []):
         mark = "*" if v["id"] == artifact["current_version_id"] else " "
-        print(f"  {mark} {v['id'][:12]}  {v['created_at']}  {human(v['size']):>10}  "
+        print(f"  {mark} {v['id'][:12]}  {v['created_at']}  {human(v['size']):>10} in "
               f"{v['file_count']:>6} files  {v['message'] or ''}")
     return 0
 
@@ -200,8 +234,11 @@ def info(path: Path, as_json: bool) -> int:
 
 
 def progress_bar() -> Progress:
+    """Bytes unpacked so far, against the size of the files (the tar adds its headers, so the
+    total is an estimate: past it, the bar just goes on)."""
     # Transient: a bar goes when its work ends; a line then says how it ended.
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    DownloadColumn(binary_units=True),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
                     disable=not err.is_terminal)  # no bar for a log file or a pipe
 
@@ -328,15 +365,15 @@ def prefetch_in_mount(target: str, path: Path) -> int:
             with contextlib.suppress(CommandError, ValueError, KeyError):
                 for d in read_json(status_file)["downloads"]:
                     if d["version_id"] == version:
-                        bar.update(task, completed=d["bytes_done"],
-                                   total=d["bytes_total"] or None)
+                        show_progress(bar, task, d["bytes_done"], d["bytes_total"])
             worker.join(0.25)
     error = outcome.get("error")
     if error is not None:
         reason = _mount_error_about(status_file, version) or error.strerror
         say(f"vm0fs: {target}: the mount could not fetch {label}: {reason}")
         return 1
-    print(f"{label}: fetched ({human(matches[0]['size'])})")
+    on_disk = cached_bytes(Cache(Path(cache_dir), create=False), version)
+    print(f"{label}: fetched ({sizes(None, matches[0]['size'], on_disk)})")
     return 0
 
 
@@ -353,17 +390,21 @@ def _mount_error_about(status_file: Path, version_id: str) -> str | None:
 async def _prefetch_by_name(targets: list[str], api_url: str, api_key: str,
                             cache_dir: Path) -> int:
     cache = await trio.to_thread.run_sync(Cache, cache_dir)
-    logging.getLogger("vm0fs.api").setLevel(logging.ERROR)  # the outcome is what counts here
+    for quiet in ("vm0fs.api", "vm0fs.meta"):  # the outcome is what counts here
+        logging.getLogger(quiet).setLevel(logging.ERROR)
     failures = 0
     async with ApiClient(api_url, api_key, retry_time=10.0) as client:
+        # The listings are kept in the cache as a mount keeps them: `cache info` can name the
+        # versions, and a mount that cannot reach the API shows these artifacts.
+        listings = Listings(client, 0.0, cache.listings / listing_namespace(api_url, api_key))
         try:
-            names = folder_names(await client.list_artifacts())
+            names = folder_names(await fresh(listings, listings.artifacts()))
         except Vm0fsError as exc:
             raise CommandError(f"cannot list the artifacts at {api_url}: {exc}") from None
         with progress_bar() as bar:
             for target in targets:
                 try:
-                    artifact, version = await _resolve(client, names, target)
+                    artifact, version = await _resolve(listings, names, target)
                     await _fetch_one(client, cache, artifact, version, bar)
                 except (Vm0fsError, OSError) as exc:
                     reason = exc if isinstance(exc, Vm0fsError) else exc.strerror
@@ -372,13 +413,22 @@ async def _prefetch_by_name(targets: list[str], api_url: str, api_key: str,
     return failures
 
 
-async def _resolve(client: ApiClient, names: dict[str, Artifact], target: str
+async def fresh(listings: Listings, listing: Awaitable[_T]) -> _T:
+    """A listing from the API itself: the last known one (which a mount would answer with
+    when the API is down) is no use for a download."""
+    value = await listing
+    if listings.stale:
+        raise Unavailable(str(listings.last_error or "the API did not answer"))
+    return value
+
+
+async def _resolve(listings: Listings, names: dict[str, Artifact], target: str
                    ) -> tuple[Artifact, Version]:
     name, _, wanted = target.strip("/").partition("/")
     artifact = names.get(name) or next((a for a in names.values() if a.id == name), None)
     if artifact is None:
         raise CommandError(f"no artifact named {name!r}")
-    versions = await client.list_versions(artifact.id)
+    versions = await fresh(listings, listings.versions(artifact.id))
     wanted = wanted.strip("/") or "current"
     asked = wanted
     if wanted == "current":
@@ -412,11 +462,27 @@ async def _fetch_one(client: ApiClient, cache: Cache, artifact: Artifact, versio
     fetch = Fetch(client, cache, artifact.id, version.id, expected_size=version.size,
                   implied_mtime_ns=int(version.created_at * 1e9))
     try:
-        entry = await fetch.run(on_step=lambda: bar.update(task, completed=fetch.progress.durable))
+        entry = await fetch.run(on_step=lambda: show_progress(bar, task, fetch.progress.durable,
+                                                               version.size))
     finally:
         bar.remove_task(task)
     os.close(entry.fd)
-    print(f"{label}: fetched ({human(version.size or entry.size)})")
+    on_disk = await trio.to_thread.run_sync(cached_bytes, cache, version.id)
+    print(f"{label}: fetched ({sizes(fetch.received, version.size, on_disk)})")
+
+
+def show_progress(bar: Progress, task: Any, unpacked: int, files: int | None) -> None:
+    bar.update(task, completed=unpacked, total=files if files and unpacked <= files else None)
+
+
+def cached_bytes(cache: Cache, version_id: str) -> int | None:
+    return next((size for vid, size, _ in cache.entries() if vid == version_id), None)
+
+
+def sizes(download: int | None, files: int | None, on_disk: int | None) -> str:
+    """The three sizes of a version, each named: 'download 4.6 KiB, files 15.9 KiB, ...'."""
+    named = (("download", download), ("files", files), ("on disk", on_disk))
+    return ", ".join(f"{name} {human(size)}" for name, size in named if size is not None)
 
 
 # -- cache upkeep --------------------------------------------------------------------------
@@ -479,7 +545,7 @@ def cache_info(cache_dir: Path, as_json: bool) -> int:
         print(f"cache:     {data['dir']} (does not exist yet: nothing is cached)")
         return 0
     print(f"cache:     {data['dir']}")
-    print(f"size:      {human(data['bytes'])} in {data['versions']} version(s)")
+    print(f"on disk:   {human(data['bytes'])} in {data['versions']} version(s)")
     if mounts_now:
         for i, m in enumerate(mounts_now):
             print(f"{'in use:' if i == 0 else '':<11}by the mount at {m.get('mountpoint')} "
@@ -490,7 +556,7 @@ def cache_info(cache_dir: Path, as_json: bool) -> int:
         print(f"cap:       {human(cap['bytes'])} ({cap['reason']})")
     for e in data["entries"]:
         print(f"  {e['version_id'][:12]}  {e['artifact'] or '(artifact unknown)':<24} "
-              f"{human(e['bytes']):>10}  last used {e['last_used']}")
+              f"{human(e['bytes']):>10} on disk, last used {e['last_used']}")
     return 0
 
 
@@ -514,10 +580,11 @@ def cache_prune(cache_dir: Path, max_size: int) -> int:
     cache = Cache(cache_dir)
     before = cache.usage()
     if before <= max_size:
-        print(f"nothing to free: the cache holds {human(before)}, within {human(max_size)}")
+        print(f"nothing to free: the cache holds {human(before)} on disk, within "
+              f"{human(max_size)}")
         return 0
     freed = cache.evict(max_bytes=max_size)
-    line = f"freed {human(freed)}; the cache holds {human(cache.usage())}"
+    line = f"freed {human(freed)}; the cache holds {human(cache.usage())} on disk"
     if cache.kept:
         kept_bytes = sum(size for _, size in cache.kept)
         line += (f"; kept {len(cache.kept)} version(s) ({human(kept_bytes)}) that a running "
@@ -532,6 +599,8 @@ def run(command: Any, *args: Any) -> int:
     except Vm0fsError as exc:
         print(f"vm0fs: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away: `cli.main` ends quietly
+        raise
     except OSError as exc:  # a folder we cannot read, a full disk: said in one line
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"vm0fs: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vm0fs.api import Artifact, Version
+from vm0fs.units import human
 
 CONTROL_DIR = ".vm0fs"
 MAX_ERRORS = 20
@@ -56,16 +57,6 @@ def to_json(data: Any) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def human(size: float | None) -> str:
-    if size is None:
-        return "no cap"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def status_text(status: dict[str, Any]) -> str:
     cache = status["cache"]
     lines = [
@@ -75,7 +66,7 @@ def status_text(status: dict[str, Any]) -> str:
         f"mounted since:  {status['mounted_since']}",
         f"opens:          {status['open_mode']}",
         f"cache:          {cache['dir']}",
-        f"cache use:      {human(cache['bytes'])} of a {human(cache['cap'])} cap "
+        f"cache use:      {human(cache['bytes'])} on disk of a {human(cache['cap'])} cap "
         f"({cache['cap_reason']}), {cache['versions']} version(s) cached",
     ]
     if cache.get("damaged_copies"):
@@ -89,9 +80,10 @@ def status_text(status: dict[str, Any]) -> str:
     downloads = status["downloads"]
     lines.append(f"downloads:      {len(downloads) or 'none'}")
     for d in downloads:
-        total = f" of {human(d['bytes_total'])}" if d["bytes_total"] else ""
-        lines.append(f"  {d['artifact']}/{d['version_id'][:12]}: {human(d['bytes_done'])}{total}"
-                     f" ({human(d['bytes_received'])} received)")
+        files = f", files {human(d['bytes_total'])}" if d["bytes_total"] else ""
+        lines.append(f"  {d['artifact']}/{d['version_id'][:12]}: download "
+                     f"{human(d['bytes_received'])} so far, unpacked {human(d['bytes_done'])}"
+                     f"{files}")
     listing = status["listing_only_downloads"]
     if listing["total"]:
         lines.append(f"listing-only:   {listing['total']} download(s) asked for by folder "

@@ -122,7 +122,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 DEFAULT_TOKEN = "dev-token"
@@ -1155,10 +1155,22 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like the other commands (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vm0fs dev-server: {message} (see vm0fs dev-server --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vm0fs dev-server",
-        description="Serve a local implementation of the vm0 Artifacts API from a folder.",
+        description="Serve a local implementation of the vm0 Artifacts API from a folder.\n"
+        f"Clients authenticate with --token, else $VM0_API_KEY, else {DEFAULT_TOKEN!r}.",
+        epilog="examples:\n"
+        "  vm0fs dev-server --data-dir /tmp/data --demo --port 8080 --token dev-token\n"
+        "  VM0_API_KEY=dev-token vm0fs mount ~/vm0 --api-url http://127.0.0.1:8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data-dir", required=True, type=Path, help="one folder per artifact")
     p.add_argument("--host", default="127.0.0.1")
@@ -1270,14 +1282,22 @@ def _make_server(host: str, port: int, handler: type[BaseHandler], app: App) -> 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     data_dir: Path = args.data_dir
-    if args.demo and (not data_dir.exists() or not any(data_dir.iterdir())):
-        from vm0fs.samples import write_demo_data
+    if args.demo:
+        from vm0fs.samples import DEMO_ARTIFACTS, write_demo_data
 
-        write_demo_data(data_dir)
+        if not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir())):
+            write_demo_data(data_dir)
+        elif data_dir.is_dir() and not all((data_dir / n).is_dir() for n in DEMO_ARTIFACTS):
+            print(f"vm0fs dev-server: {data_dir} is not empty, so --demo serves it as it is, "
+                  "without the samples (give an empty or new folder for them)", file=sys.stderr)
     if not data_dir.is_dir():
-        print(f"vm0fs dev-server: data dir not found: {data_dir}", file=sys.stderr)
+        print(f"vm0fs dev-server: data dir not found: {data_dir} (create it, or add --demo "
+              "to fill a new one with samples)", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("VM0_API_KEY") or DEFAULT_TOKEN
+    if not args.token and os.environ.get("VM0_API_KEY"):
+        print("vm0fs dev-server: the token is the value of $VM0_API_KEY (give --token to "
+              "choose another)", file=sys.stderr)
     try:
         state = State({k: getattr(args, k) for k in FAULT_DEFAULTS})
     except HttpError as err:

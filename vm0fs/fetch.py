@@ -20,9 +20,9 @@ import trio
 
 from vm0fs.archive import GrowingFile, Member, Progress, TarSink, scan_members
 from vm0fs.cache import Cache, Entry
-from vm0fs.control import human
 from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder
+from vm0fs.units import human
 
 log = logging.getLogger("vm0fs.fetch")
 
@@ -159,12 +159,13 @@ class Fetch:
             on_step()  # readers move to the published file before ours is closed
             os.close(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
-        log.info("version %s: %d members, %s in %.1f s (%.1f MiB/s)", self.version_id[:12],
-                 self.members, human(sink.written), elapsed, sink.written / 2**20 / elapsed)
+        log.info("version %s: %d members, download %s, unpacked %s in %.1f s (%s/s)",
+                 self.version_id[:12], self.members, human(self.received), human(sink.written),
+                 elapsed, human(sink.written / elapsed))
         return entry
 
     async def _receive(self, sink: TarSink, on_step: Callable[[], None]) -> None:
-        log.info("downloading version %s of artifact %s (%s of files)",
+        log.info("downloading version %s of artifact %s (files %s)",
                  self.version_id[:12], self.artifact_id, human(self.expected_size))
         last_log = time.monotonic()
         async with aclosing(self.client.download(self.artifact_id, self.version_id)) as chunks:
@@ -178,7 +179,8 @@ class Fetch:
                     break
                 if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
                     last_log = time.monotonic()
-                    log.info("downloading version %s: %s of %s", self.version_id[:12],
+                    log.info("downloading version %s: download %s so far, unpacked %s (files "
+                             "%s)", self.version_id[:12], human(self.received),
                              human(self.progress.durable), human(self.expected_size))
         self.progress.advance(await trio.to_thread.run_sync(sink.finish))
         self.progress.end()

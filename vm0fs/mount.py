@@ -4,13 +4,15 @@ clean unmount. `serve` is the whole life of one mount in the foreground.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import signal
 import socket
-import sys
+import stat
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -24,13 +26,16 @@ from vm0fs.meta import Listings, listing_namespace
 from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
     MountConfig,
     MountError,
+    MountLock,
     check_mountpoint,
     unmount,
 )
+from vm0fs.mounttable import user_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import RECENTLY_READ, VersionStore
 
 log = logging.getLogger("vm0fs.mount")
+FUSE_DEVICE = "/dev/fuse"
 
 def mount_options(config: MountConfig) -> set[str]:
     host = config.api_url.split("://", 1)[-1].split("/", 1)[0] or socket.gethostname()
@@ -45,7 +50,24 @@ def mount_options(config: MountConfig) -> set[str]:
 async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
                 client: ApiClient | None = None) -> None:
     """Mount, serve until unmounted or signalled, then unmount. Raises MountError early on."""
-    check_mountpoint(config.mountpoint)
+    lock = await _lock(config.mountpoint)
+    try:
+        check_mountpoint(config.mountpoint)
+        await _serve(config, ready, client, lock)
+    finally:
+        lock.close()
+
+
+async def _lock(mountpoint: Path) -> MountLock:
+    """Wait while another vm0fs is between its checks and its mount on the same folder."""
+    lock = MountLock(mountpoint)
+    while not lock.acquire():
+        await trio.sleep(0.05)
+    return lock
+
+
+async def _serve(config: MountConfig, ready: Callable[[], None], client: ApiClient | None,
+                 lock: MountLock) -> None:
     client = client or ApiClient(config.api_url, config.api_key, retry_time=config.api_retry_time)
     async with client:
         cache = await trio.to_thread.run_sync(Cache, config.cache_dir, config.cache_size)
@@ -70,6 +92,8 @@ async def serve(config: MountConfig, ready: Callable[[], None] = lambda: None,
         except BaseException:
             in_use.close()  # no mount: the cache is not in use after all
             raise
+        finally:
+            lock.close()  # mounted (or not): another mount here now finds out which
         logging.getLogger("vm0fs").addHandler(recent_errors)
         log.info("mounted %s at %s (cache %s)", config.api_url, config.mountpoint, cache.root)
         try:
@@ -121,8 +145,9 @@ def _init_fuse(ops: Operations, config: MountConfig) -> None:
             os.close(saved)
         capture.seek(0)
         said = capture.read().decode(errors="replace")
-    if said:
-        sys.stderr.write(said)  # still in the log
+    for line in said.splitlines():  # still in the log, as log lines
+        if line.strip():
+            log.warning("%s", line.strip())
     if failure is not None:
         raise MountError(mount_failure(config, said, str(failure)))
 
@@ -139,9 +164,42 @@ def mount_failure(config: MountConfig, said: str, fallback: str) -> str:
                 "or mount without --allow-other")
     elif "no write access to mountpoint" in reason:
         hint = "; mount on a folder you own, e.g. mkdir -p ~/vm0"
-    elif "/dev/fuse" in reason or "fusermount3" in reason or "device not found" in reason:
-        hint = "; is the fuse3 package installed and /dev/fuse usable here?"
+    elif "/dev/fuse" in reason or "device not found" in reason:
+        hint = "; " + (fuse_device_hint() or "in a container, start it with --device /dev/fuse "
+                       "--cap-add SYS_ADMIN")
+    elif "fusermount3" in reason:
+        hint = "; install the fuse3 package (as root: apt-get install fuse3)"
     return f"cannot mount {config.mountpoint}: {reason}{hint}"
+
+
+def fuse_device_hint(device: str = FUSE_DEVICE, uid: int | None = None,
+                     groups: set[int] | None = None) -> str:
+    """What would make the FUSE device usable by this user (or `uid` in `groups`), or "" when
+    its mode lets them read and write it."""
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        return (f"there is no {device}: load the fuse module (as root: modprobe fuse), or in a "
+                f"container start it with --device {device}")
+    except OSError as exc:
+        return f"cannot look at {device}: {exc.strerror}"
+    uid = os.getuid() if uid is None else uid
+    groups = {os.getgid(), *os.getgroups()} if groups is None else groups
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
+    if uid == 0 or (st.st_mode >> shift) & 0o6 == 0o6:
+        return ""
+    group = _group_name(st.st_gid)
+    join = "" if st.st_gid == 0 else (f", or add yourself to its group {group} (as root: "
+                                      f"usermod -aG {group} USER, then log in again)")
+    return (f"{device} is {stat.filemode(st.st_mode)} {user_name(st.st_uid)}:{group}, not "
+            f"usable by you: as root, run chmod 666 {device}{join}")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 async def _check_access(listings: Listings, api_url: str) -> None:

@@ -6,6 +6,7 @@ its own) and `vm0fs unmount` start fast.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import subprocess
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vm0fs.errors import Vm0fsError
-from vm0fs.mounttable import mount_at, user_name
+from vm0fs.mounttable import mount_at, user_name, vm0fs_mount_of
 
 log = logging.getLogger("vm0fs.mount")
 
@@ -66,7 +67,38 @@ def _is_dead_mount(path: Path) -> bool:
     return False
 
 
+class MountLock:
+    """An exclusive flock on the mount point folder, held from the checks until the kernel
+    mount is in place: two mounts started on one folder at the same time cannot both pass
+    the checks (the second then finds a mount point there)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = None  # missing, unreadable or dead: the checks say what is wrong
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; True once held (or when there is nothing to lock)."""
+        if self.fd is None:
+            return True
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _check_mountpoint(path: Path) -> None:
+    inside = vm0fs_mount_of(str(path))
+    if inside is not None and inside[0].path != inside[1]:
+        raise MountError(f"{path} is inside the vm0fs mount at {inside[0].path}: mount on a "
+                         "folder outside it")
     if not path.exists():
         raise MountError(f"mount point {path} does not exist")
     if not path.is_dir():

@@ -260,6 +260,9 @@ def _eval_results() -> list[Member]:
     return members
 
 
+DEMO_ARTIFACTS = ("training-run", "website-build", "eval-results", "scratchpad")  # folders
+
+
 def write_demo_data(data_dir: Path) -> None:
     """Fill `data_dir` with the demo artifacts (the same bytes on every call)."""
     data_dir.mkdir(parents=True, exist_ok=True)
