@@ -24,6 +24,8 @@ in one run, every measurement several times (median and min-max):
            exit (it is waited for 15 s, then ended with SIGTERM)
   memory   peak memory (VmHWM) of the mount process with the 50,000-file version loaded, after
            the warm commands (runs the warm commands)
+  remount  `grep -r` over the cached 50,000-file versions, each time from a fresh mount (every
+           read reaches vm0fs, and every block read is checked), against the local tree
   listing  API requests (from /_dev/stats) for a fresh mount plus `ls -l artifacts/` over 250
            artifacts, and for a re-listing within the metadata TTL
 
@@ -83,7 +85,7 @@ SEED = 20250105
 DATA_FORMAT = 2  # bump whenever the generators change: the data is rebuilt
 NEEDLE = "PANIC checkpoint shard mismatch"
 EPOCH = 1735689600  # 2025-01-01T00:00:00Z: every member's and archive's mtime is near it
-PHASES = ("listing", "cold", "warm", "memory", "reads", "ttfb")
+PHASES = ("listing", "cold", "warm", "memory", "remount", "reads", "ttfb")
 DEFAULT_BANDWIDTH = 12_000_000  # bytes/s for the time-to-first-byte measurement
 
 CMD_TIMEOUT = 900.0  # one measured command
@@ -830,7 +832,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         if "listing" in phases:
             self.phase("listing", self.listing)
-        if {"cold", "warm", "memory", "reads", "ttfb"} & set(phases):
+        if {"cold", "warm", "memory", "remount", "reads", "ttfb"} & set(phases):
             self.server = self.procs.start_server(self.data.data, self.logs / "server.log")
             by_name = {a["name"]: a for a in list_artifacts(self.server)}  # hashes the archives
             for ds in self.data.sets.values():
@@ -840,6 +842,8 @@ class Bench:
                 self.phase("cold", self.cold)
             if "warm" in phases or "memory" in phases:
                 self.phase("warm", self.warm)
+            if "remount" in phases:
+                self.phase("remount", self.remount)
             if "reads" in phases:
                 self.phase("reads", self.reads)
             if "ttfb" in phases:
@@ -1020,6 +1024,28 @@ class Bench:
                      "ratarmount" if ratar_hwm else "", ratar_hwm,
                      Target("< 100 MB", lambda v: v < 100, "max"),
                      note=f"VmHWM after the warm commands (VmRSS {rss:.0f} MB)"))
+
+    def remount(self) -> None:
+        """grep -r over the cached versions, each time from a fresh mount: the mount's kernel
+        caches are empty while the cache files are in the page cache, so every read reaches
+        vm0fs, and every block it reads is checked against its checksum (integrity.py). The
+        reference is the same grep over the local tree, warm."""
+        cache = self.fill_warm_cache()
+        for name in ("logs", "tiny"):
+            ds = self.data.sets[name]
+            label = f"{ds.files:,} files" + (", tiny" if name == "tiny" else "")
+            grep = ["grep", "-r", NEEDLE]
+            time_cmd([*grep, str(ds.local)], ok=(0, 1), capture=True)  # warms the local tree
+            mounted: list[float] = []
+            local: list[float] = []
+            for _ in range(self.reps):
+                with self.mounted(cache) as mp:
+                    root = self.vpath(mp, name)
+                    time_cmd(["find", str(root)], capture=True)  # the tree, not the reads
+                    mounted.append(time_cmd([*grep, str(root)], ok=(0, 1), capture=True)[0])
+                local.append(time_cmd([*grep, str(ds.local)], ok=(0, 1), capture=True)[0])
+            self.add(Row(f"remount: grep -r, {label}", "s", mounted, "local tree", local,
+                         note="fresh mount over the cached version: every read reaches vm0fs"))
 
     def reads(self) -> None:
         """cat of the big file: first (from disk, fresh mount, no page cache) and second time."""

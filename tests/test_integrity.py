@@ -346,6 +346,35 @@ def small_and_big(tmp_path: Path) -> tuple[Path, bytes, bytes]:
     return data_dir, small, big
 
 
+@contextlib.contextmanager
+def overlay(path: Path) -> Iterator[Path]:
+    """An overlayfs (what a container's root is) over folders of the test's own disk."""
+    layers = [path.with_name(f"{path.name}-{n}") for n in ("lower", "upper", "work")]
+    for folder in (*layers, path):
+        folder.mkdir(parents=True, exist_ok=True)
+    lower, upper, work = layers
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(path)],
+                   check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], timeout=30)
+
+
+def test_a_cache_on_overlayfs(one_version: Any, mount_vm0fs: MountFactory,
+                              tmp_path: Path) -> None:
+    srv, version_id, data = one_version
+    with overlay(tmp_path / "fs") as fs:
+        m = mount_vm0fs(srv, cache_dir=fs / "cache")
+        try:
+            assert_like_tar(m, m.artifacts / "run" / version_id, data, tmp_path / "t1")
+            assert m.run(read_direct, m.artifacts / "run" / version_id / "run" /
+                         "part-1.bin") == archives.large_bytes(1001, BIG)
+        finally:
+            m.cleanup()
+
+
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
 def test_a_small_cache_filesystem_caches_small_versions(dev_server: Server,
                                                         mount_vm0fs: MountFactory,

@@ -130,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--metadata-ttl", type=seconds, default=60.0, metavar="SECONDS",
                        help="how long listings are cached (default: 60)")
     mount.add_argument("--cache-size", type=positive_size, default=None, metavar="SIZE",
-                       help="cap the cache, e.g. 10G (default: no cap)")
+                       help="cap the cache, e.g. 10G (default: keep 5%% of its filesystem "
+                            "free)")
     mount.add_argument("--cache-grace", type=seconds, default=None, metavar="SECONDS",
                        help="a version read in the last SECONDS is not evicted by the cap "
                             "(default: 300)")
     mount.add_argument("--max-version-size", type=positive_size, default=None, metavar="SIZE",
-                       help="refuse versions that expand past SIZE (default: the cache cap "
-                            "and the free disk space)")
+                       help="refuse versions that expand past SIZE (default: what the API "
+                            "says a version holds, plus room for tar headers; never past the "
+                            "cache cap or the room left on the disk)")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users see the files (needs user_allow_other in "
                             "/etc/fuse.conf unless root)")

@@ -460,7 +460,7 @@ async def _fetch_one(client: ApiClient, cache: Cache, artifact: Artifact, versio
         return
     task = bar.add_task(label, total=version.size or None)
     fetch = Fetch(client, cache, artifact.id, version.id, expected_size=version.size,
-                  implied_mtime_ns=int(version.created_at * 1e9))
+                  implied_mtime_ns=int(version.created_at * 1e9), file_count=version.file_count)
     try:
         entry = await fetch.run(on_step=lambda: show_progress(bar, task, fetch.progress.durable,
                                                                version.size))

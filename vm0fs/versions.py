@@ -71,7 +71,7 @@ class VersionState:
     """The contents of one version folder and where its bytes are.
 
     `index` holds the version's entries: a `TreeBuilder` while the archive downloads, then the
-    `TreeIndex` mapped from the cache, or None when it was dropped to save memory (it is loaded
+    `TreeIndex` read from the cache, or None when it was dropped to save memory (it is loaded
     again from the cache when it is needed). Its inodes are `base + entry` whatever happens."""
 
     def __init__(self, artifact_id: str, version_id: str, root: Dir, base: int) -> None:
@@ -550,7 +550,7 @@ class VersionStore:
                 and state.fd != -1 and state.error is None)
 
     def drop(self, state: VersionState) -> None:
-        """Let go of a version's index (it is mapped again from the cache when needed)."""
+        """Let go of a version's index (it is read again from the cache when needed)."""
         log.debug("version %s: index dropped from memory", state.version_id[:12])
         state.set_index(None)
 
