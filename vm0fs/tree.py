@@ -7,9 +7,10 @@ The contents of a version are not objects: they live in a `TreeIndex`, flat arra
 version's index file in the cache (read whole and checked against its checksum, never
 memory-mapped: a truncated mapping is a SIGBUS; dropped when unused, see versions.py), or,
 while the archive downloads, in the growing arrays of a `TreeBuilder`. Every entry has a
-number: its position in the index, the order in which the archive created it. A version gets a fixed range of inode numbers, `base + entry`, so an inode
-the kernel holds means the same entry however often the index is dropped and loaded again
-(from the same file, or rebuilt from the same archive, whose id is a hash of its content).
+number: its position in the index, the order in which the archive created it. A version gets
+a fixed range of inode numbers, `base + entry`, so an inode the kernel holds means the same
+entry however often the index is dropped and loaded again (from the same file, or rebuilt from
+the same archive, whose id is a hash of its content).
 Node objects for entries (`ContentDir`, `File`, `Link` with `entry` set) are made on demand and
 never stored.
 
