@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import subprocess
 import tarfile
 import threading
@@ -15,6 +16,8 @@ import pytest
 from vm0fs.archive import (
     DIR,
     FILE,
+    INFLATER,
+    INFLATERS,
     LINK,
     GrowingFile,
     Member,
@@ -45,14 +48,24 @@ def info(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, mtime: flo
     return ti
 
 
+@pytest.fixture(params=sorted(INFLATERS))
+def inflater(request: pytest.FixtureRequest) -> str:
+    """Each inflater the sink can use: isal's, and the standard library's zlib (the fallback)."""
+    return request.param
+
+
+def test_both_inflaters_are_there() -> None:
+    assert sorted(INFLATERS) == ["isal", "zlib"] and INFLATER == "isal"
+
+
 def index(archive: bytes, tmp_path: Path, limit: int = 1 << 40,
-          chunk: int = 65536) -> tuple[list[Member], bytes]:
+          chunk: int = 65536, inflater: str = INFLATER) -> tuple[list[Member], bytes]:
     """Inflate and index `archive` as the mount does; return the members and the tar bytes."""
     path = tmp_path / "data.tar"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         progress = Progress()
-        sink = TarSink(fd, limit)
+        sink = TarSink(fd, limit, inflater=inflater)
         members: list[Member] = []
         errors: list[BaseException] = []
 
@@ -153,11 +166,26 @@ def test_pax_fractional_mtime(tmp_path: Path) -> None:
     assert members[0].mtime_ns == 1_700_000_000_250_000_000
 
 
-def test_concatenated_gzip_members_and_trailing_garbage(tmp_path: Path) -> None:
+def test_concatenated_gzip_members_and_trailing_garbage(tmp_path: Path, inflater: str) -> None:
     tar = make_tar([(info("a"), b"a" * 5000), (info("b"), b"b" * 5000)])
     archive = gzip.compress(tar[:4096]) + gzip.compress(tar[4096:]) + b"\0\0garbage"
-    members, data = index(archive, tmp_path, chunk=333)
+    members, data = index(archive, tmp_path, chunk=333, inflater=inflater)
     assert [content(data, m) for m in members] == [b"a" * 5000, b"b" * 5000]
+    assert data == tar[:len(data)]  # byte for byte what gzip -d gives, up to the tar's end
+
+
+def test_big_archive_is_byte_exact_with_either_inflater(tmp_path: Path, inflater: str) -> None:
+    """Members of every size across gzip members of uneven lengths, with garbage after."""
+    rng = random.Random(5)
+    files = [(info(f"f{i}"), rng.randbytes(rng.choice([0, 1, 511, 512, 70_000, 300_000])))
+             for i in range(40)]
+    tar = make_tar(files)
+    cuts = sorted(rng.sample(range(1, len(tar)), 5))
+    parts = [tar[a:b] for a, b in zip([0, *cuts], [*cuts, len(tar)], strict=True)]
+    archive = b"".join(gzip.compress(p, rng.choice([1, 6, 9])) for p in parts) + b"junk"
+    members, data = index(archive, tmp_path, chunk=7777, inflater=inflater)
+    assert [content(data, m) for m in members] == [body for _, body in files]
+    assert data == tar[:len(data)]
 
 
 @pytest.mark.parametrize("archive, message", [
@@ -166,9 +194,9 @@ def test_concatenated_gzip_members_and_trailing_garbage(tmp_path: Path) -> None:
     (gzip.compress(b"plain text, not a tar archive\n" * 100), "tar"),
     (b"", "empty"),
 ])
-def test_broken_archives(tmp_path: Path, archive: bytes, message: str) -> None:
+def test_broken_archives(tmp_path: Path, archive: bytes, message: str, inflater: str) -> None:
     with pytest.raises(ArchiveError, match=message):
-        index(archive, tmp_path)
+        index(archive, tmp_path, inflater=inflater)
 
 
 def test_tar_truncated_inside_a_member_is_an_error(tmp_path: Path) -> None:

@@ -47,7 +47,14 @@ from archives import (
 )
 
 from vm0fs import archive
-from vm0fs.archive import GrowingFile, Member, Progress, normalize_path, scan_members
+from vm0fs.archive import (
+    INFLATERS,
+    GrowingFile,
+    Member,
+    Progress,
+    normalize_path,
+    scan_members,
+)
 from vm0fs.errors import ArchiveError
 
 pytestmark = pytest.mark.timeout(300)
@@ -1020,8 +1027,9 @@ def test_download_failure_stops_the_scan(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_gzip_round_trip_of_the_corpus_matches(tmp_path: Path) -> None:
-    """The random corpus through gzip and TarSink, as the mount feeds it."""
+@pytest.mark.parametrize("inflater", sorted(INFLATERS))
+def test_gzip_round_trip_of_the_corpus_matches(tmp_path: Path, inflater: str) -> None:
+    """The random corpus through gzip and TarSink (with each inflater), as the mount feeds it."""
     from vm0fs.archive import TarSink
 
     for label, tar in random_archives(20, 42):
@@ -1029,7 +1037,7 @@ def test_gzip_round_trip_of_the_corpus_matches(tmp_path: Path) -> None:
         fd = os.open(tmp_path / "g.tar", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         progress = Progress()
         thread, outcome = run_scan(scan_members, fd, progress)
-        sink = TarSink(fd, 1 << 30)
+        sink = TarSink(fd, 1 << 30, inflater=inflater)
         try:
             for i in range(0, len(data), 999):
                 progress.advance(sink.feed(data[i:i + 999]))

@@ -37,11 +37,26 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from vm0fs.errors import ArchiveError, ArchiveTooLarge
 from vm0fs.integrity import BLOCK_SHIFT, BlockSums, blocks_in
 
 log = logging.getLogger("vm0fs.archive")
+
+# Inflaters by name, with the same interface and the same bytes out: ISA-L's (python-isal)
+# inflates the log archives of the bench about 2.7 times as fast as zlib does here (1,155 against
+# 430 MB/s on one core); the standard library's zlib is the fallback where isal is missing.
+try:
+    from isal import isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency; this is the fallback
+    isal_zlib = None
+INFLATERS: dict[str, Callable[..., Any]] = {"zlib": zlib.decompressobj}
+INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error,)
+if isal_zlib is not None:
+    INFLATERS["isal"] = isal_zlib.decompressobj
+    INFLATE_ERRORS += (isal_zlib.error,)
+INFLATER = "isal" if "isal" in INFLATERS else "zlib"
 
 BLOCK = tarfile.BLOCKSIZE
 INFLATE_STEP = 1 << 20  # inflate at most this much per call, so a bomb cannot balloon memory
@@ -215,13 +230,14 @@ class TarSink:
     after a small tar) or needs the bytes (the tar really is that big: ArchiveTooLarge)."""
 
     def __init__(self, fd: int, limit: int, progress: Progress | None = None,
-                 limit_text: str = "") -> None:
+                 limit_text: str = "", inflater: str = INFLATER) -> None:
         self._fd = fd
         self._limit = limit
+        self._decompressobj = INFLATERS[inflater]
         # What the error says of the limit: how much, and why.
         self._limit_text = limit_text or f"{limit} bytes, the limit for one version"
         self._progress = progress
-        self._inflater = zlib.decompressobj(wbits=31)
+        self._inflater = self._decompressobj(wbits=31)
         self._started = False  # some gzip member has been begun
         self._trailing = False  # past the last gzip member: the rest is ignored, like gzip -d
         self.written = 0
@@ -237,10 +253,10 @@ class TarSink:
                 if not data.startswith(GZIP_MAGIC[: len(data)]):
                     self._trailing = True  # trailing garbage after a complete gzip stream
                     break
-                self._inflater = zlib.decompressobj(wbits=31)
+                self._inflater = self._decompressobj(wbits=31)
             try:
                 out = self._inflater.decompress(data, INFLATE_STEP)
-            except zlib.error as exc:
+            except INFLATE_ERRORS as exc:
                 raise ArchiveError(f"not a valid gzip stream: {exc}") from None
             self._started = True
             self._take(out)

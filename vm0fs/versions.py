@@ -530,6 +530,8 @@ class VersionStore:
         the cache and fetch the version again (readers wait for it), or fail when offline."""
         if fd is None or fd < 0 or state.fd != fd:
             return  # another reader found it first: the new copy is on its way
+        if state.loading:
+            return  # a download's own file: its reader fails (EIO) and the download decides
         self.repairs += 1
         offline = self.offline()
         log.error("artifact %s, version %s: the cached copy is damaged (%s): %s",
