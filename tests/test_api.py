@@ -1075,3 +1075,73 @@ def test_a_tls_handshake_that_cannot_succeed_is_not_retried(error: ssl.SSLError,
         run(client.list_artifacts)
     assert said in str(info.value) and "attempt" not in str(info.value)
     assert len(seen) == 1 and clock.sleeps == []
+
+
+class SlowStream(httpx.AsyncByteStream):
+    """A body that sends `head` bytes, then one byte every `every` seconds (None: nothing more,
+    ever: a stall)."""
+
+    def __init__(self, data: bytes, head: int, every: float | None) -> None:
+        self.data, self.head, self.every = data, head, every
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[:self.head]
+        for i in range(self.head, len(self.data)):
+            if self.every is None:
+                await trio.sleep_forever()
+            await trio.sleep(self.every)
+            yield self.data[i:i + 1]
+
+
+@pytest.mark.parametrize("every", [None, 0.05])
+def test_a_stalled_or_trickling_download_fails_within_its_bounds(every: float | None) -> None:
+    """A blob that stalls after 100 bytes, or trickles a byte every 50 ms: each attempt ends
+    when the next `speed_limit` bytes take longer than `speed_time`, resumes where it was, and
+    the trickle's crumbs never renew the retry budget: Unavailable, in bounded time."""
+    attempts: list[str | None] = []
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.headers.get("range"))
+        start = int(request.headers.get("range", "bytes=0-")[6:].rstrip("-"))
+        headers = {"ETag": '"v1"', "Content-Length": str(len(DATA) - start)}
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(DATA) - 1}/{len(DATA)}"
+        return httpx.Response(206 if start else 200, headers=headers,
+                              stream=SlowStream(DATA[start:], 100, every))
+
+    client = ApiClient(BASE, KEY, transport=httpx.MockTransport(blob_or_api(blob)),
+                       retry_time=1.0, backoff_base=0.01, backoff_cap=0.05,
+                       speed_limit=1000, speed_time=0.3, chunk_size=64)
+    got = bytearray()
+
+    async def go() -> None:
+        with trio.fail_after(4):  # the bound: the budget, plus one attempt's speed_time
+            async for chunk in client.download("a1", VID):
+                got.extend(chunk)
+
+    with pytest.raises(Unavailable, match="download stalled: fewer than 1000 bytes in 0.3 s"):
+        trio.run(go)
+    assert bytes(got) == DATA[:len(got)]  # what came is right, and was resumed, not repeated
+    assert attempts[0] is None and len(attempts) >= 2
+    assert int(attempts[1][6:-1]) >= 100  # the second attempt resumed after the first's bytes
+
+
+def test_a_slow_download_that_moves_is_not_a_stall() -> None:
+    """2,000 bytes a chunk every 50 ms is above a limit of 1,000 bytes in 0.3 s: it completes."""
+
+    class Steady(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for i in range(0, len(DATA), 2000):
+                await trio.sleep(0.05)
+                yield DATA[i:i + 2000]
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Length": str(len(DATA))}, stream=Steady())
+
+    client = ApiClient(BASE, KEY, transport=httpx.MockTransport(blob_or_api(blob)),
+                       retry_time=1.0, speed_limit=1000, speed_time=0.3)
+
+    async def go() -> bytes:
+        return await collect(client, "a1", VID)
+
+    assert trio.run(go) == DATA

@@ -44,7 +44,8 @@ HOLD_TIME = 0.2  # seconds a download holds bytes back to make a whole chunk
 CONNECT_TIMEOUT = 5.0  # to open a connection
 REQUEST_TIMEOUT = 10.0  # for an answer's headers, and for a whole JSON answer
 SPEED_LIMIT, SPEED_TIME = 16 << 10, 10.0  # a download brings 16 KiB every 10 s, or is retried
-PROGRESS_RESET = 1 << 20  # an attempt that brought this much gives the next a fresh budget
+PROGRESS_RESET = 1 << 20  # an attempt that brought this much, or a quarter of what was left,
+# gives the next a fresh retry budget
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T", "Artifact", "Version")
@@ -546,9 +547,10 @@ class ApiClient:
                     raise ApiError(f"{what}: got {st.received} bytes, {st.total} announced")
                 return
             except _Retry as retry:
-                if st.received - before >= PROGRESS_RESET:
-                    # Real progress: a long download gets a fresh budget after each hiccup (a
-                    # trickle does not: it fails within the budget).
+                left = st.total - before if st.total is not None else PROGRESS_RESET
+                if st.received - before >= min(PROGRESS_RESET, max(left // 4, 1)):
+                    # Real progress (1 MiB, or a quarter of what was left): a long download gets
+                    # a fresh budget after each hiccup. A trickle does not: it fails in time.
                     deadline, failures = self._clock() + self._retry_time, 0
                 failures += 1
                 await self._backoff(what, retry, failures, deadline)

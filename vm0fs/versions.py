@@ -182,6 +182,9 @@ class VersionState:
                 raise Vm0fsError("version data is not loaded")
             await self._changed.wait()
         self._raise_if_failed()
+        error = self.progress.error  # the download failed: say why (before _fail says it)
+        if error is not None:
+            raise error if isinstance(error, Vm0fsError) else Vm0fsError(str(error))
         if self.progress.durable < end or self.sums is None:
             raise Vm0fsError("read past the end of the version data")
         return self.fd, self.sums
