@@ -350,14 +350,7 @@ class Cache:
             return False
         if (mine.st_dev, mine.st_ino) != (published.st_dev, published.st_ino):
             return False
-        doomed = self.staging / f"evicted.{version_id}.{secrets.token_hex(4)}"
-        try:
-            os.rename(folder, doomed)
-        except OSError:
-            return False
-        shutil.rmtree(doomed, ignore_errors=True)
-        self._touched.pop(version_id, None)
-        return True
+        return self._delete_folder(version_id)
 
     def cap(self, usage: int | None = None) -> Cap:
         """The cap in force (blocking): --cache-size, else what keeps the cache filesystem's
@@ -589,15 +582,18 @@ class Cache:
         try:
             if only_if_unused and not _lock(fd, fcntl.LOCK_EX):
                 return False
-            # Rename first so nobody opens it half-deleted.
-            doomed = self.staging / f"evicted.{version_id}.{secrets.token_hex(4)}"
-            try:
-                os.rename(folder, doomed)
-            except OSError:
-                return False
-            shutil.rmtree(doomed, ignore_errors=True)
-            self._touched.pop(version_id, None)
-            self._used.pop(version_id, None)
-            return True
+            return self._delete_folder(version_id)
         finally:
             os.close(fd)
+
+    def _delete_folder(self, version_id: str) -> bool:
+        """Remove a version's folder: renamed away first, so nobody opens it half-deleted."""
+        doomed = self.staging / f"evicted.{version_id}.{secrets.token_hex(4)}"
+        try:
+            os.rename(self.versions / version_id, doomed)
+        except OSError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        self._touched.pop(version_id, None)
+        self._used.pop(version_id, None)
+        return True
