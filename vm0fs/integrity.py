@@ -185,7 +185,9 @@ class BlockReader:
         for block in missing:
             _check(block, found[block], sums)
             self.checked += 1
-            if len(missing) <= 2:  # a big read is not read again soon: keep small ones only
+            # Small reads share blocks (small files), and a sequential reader's next read
+            # starts in the last block of this one: keep those, not the middle of a big read.
+            if len(missing) <= 2 or block == missing[-1]:
                 self._blocks[(key, block)] = found[block]
                 if len(self._blocks) > self._keep:
                     self._blocks.popitem(last=False)
