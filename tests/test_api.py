@@ -736,13 +736,16 @@ def test_download_blob_5xx_retries_same_link() -> None:
 
 
 def test_download_archive_changed_midway_is_an_error() -> None:
+    """A new ETag and other bytes before the resume point: the bytes already handed over
+    belong to another object, so the download fails rather than mix the two."""
     calls = 0
 
     def blob(request: httpx.Request) -> httpx.Response:
         nonlocal calls
         calls += 1
+        body = DATA if calls == 1 else DATA[::-1]
         headers = {"ETag": f'"v{calls}"', "Content-Length": str(len(DATA))}
-        return httpx.Response(200, headers=headers, stream=BrokenStream(DATA, 2000))
+        return httpx.Response(200, headers=headers, stream=BrokenStream(body, 2000))
 
     client, _, _ = make(blob_or_api(blob), chunk_size=1000)
 
@@ -751,6 +754,27 @@ def test_download_archive_changed_midway_is_an_error() -> None:
 
     with pytest.raises(ApiError, match="changed"):
         run(go)
+
+
+def test_download_new_etag_same_bytes_goes_on() -> None:
+    """A new ETag (an object replaced by the same bytes, a replica's tag): the resend's first
+    bytes are checked against those handed over, and the download goes on."""
+    calls = 0
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        headers = {"ETag": f'"v{calls}"', "Content-Length": str(len(DATA))}
+        stream = BrokenStream(DATA, 2000) if calls == 1 else httpx.ByteStream(DATA)
+        return httpx.Response(200, headers=headers, stream=stream)
+
+    client, _, _ = make(blob_or_api(blob), chunk_size=1000)
+
+    async def go() -> bytes:
+        return await collect(client, "a1")
+
+    assert run(go) == DATA
+    assert calls == 2
 
 
 def test_download_range_not_satisfiable_after_complete_body() -> None:

@@ -19,9 +19,10 @@ import re
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,7 @@ from urllib.parse import quote
 
 import httpx
 import trio
+import xxhash
 
 from vm0fs import __version__
 from vm0fs.errors import ApiError, NotFound, Unauthorized, Unavailable
@@ -46,6 +48,11 @@ REQUEST_TIMEOUT = 10.0  # for an answer's headers, and for a whole JSON answer
 SPEED_LIMIT, SPEED_TIME = 16 << 10, 10.0  # a download brings 16 KiB every 10 s, or is retried
 PROGRESS_RESET = 1 << 20  # an attempt that brought this much, or a quarter of what was left,
 # gives the next a fresh retry budget
+# Ranged downloads: an archive bigger than one part comes down as parts of PART_SIZE bytes,
+# each its own GET on its own connection, PARTS_IN_FLIGHT at a time (those running and those
+# waiting their turn to be handed over: what is held in memory is at most that many parts).
+PART_SIZE = 4 << 20
+PARTS_IN_FLIGHT = 8
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T", "Artifact", "Version")
@@ -385,15 +392,64 @@ class _Retry(Exception):
         self.error = error
 
 
+class _Fallback(Exception):
+    """The answer asks for another request at once, without a backoff (a mangled Range)."""
+
+
+class _NoRanges(Exception):
+    """A ranged part was not answered with exactly its range of the same object: the rest of
+    the archive comes down as one stream."""
+
+
+@dataclass(slots=True)
+class _Links:
+    """The presigned link the parts of one download share: one asks the API for a new one when
+    the blob host refuses it, the others wait and take it."""
+
+    link: httpx.URL | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
 @dataclass(slots=True)
 class _Download:
-    """Where a download stands, across attempts."""
+    """Where a download (or one ranged part of it) stands, across attempts."""
 
-    received: int = 0  # bytes already yielded to the caller
+    received: int = 0  # bytes of this range already yielded to the caller
+    start: int = 0  # where the range begins in the archive
+    end: int | None = None  # its last byte; None: to the end of the archive
     total: int | None = None  # full archive size, when announced
     etag: str | None = None  # ETag of the first answer: pins the object across resumes
     validator: str | None = None  # what we send as If-Range (strong ETag or Last-Modified)
     link: httpx.URL | None = None  # presigned URL; None means "ask the API for one"
+    refused: httpx.URL | None = None  # the link the blob host refused last
+    shared: _Links | None = None
+    part: bool = False  # one of several parts: anything but its exact range raises _NoRanges
+    plain: bool = False  # send no Range: the server mangles them (skip what we hold)
+    hasher: Any = None  # xxh3 of every byte before start + received: a re-sent prefix is checked
+    on_answer: Callable[[], None] | None = None  # called once, at the first usable answer
+
+    @property
+    def at(self) -> int:
+        """The next byte wanted, as an archive offset."""
+        return self.start + self.received
+
+
+class _Part:
+    """One ranged part: its bytes wait in memory for their turn to be handed over."""
+
+    def __init__(self, st: _Download) -> None:
+        self.st = st
+        self.chunks: deque[bytes] = deque()
+        self.done = False
+        self.error: Exception | None = None
+        self._event = trio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
 
 
 class ApiClient:
@@ -502,14 +558,121 @@ class ApiClient:
     async def download(
         self, artifact_id: str, version_id: str | None = None
     ) -> AsyncIterator[bytes]:
-        """The archive's bytes, in order, each exactly once; resumes broken transfers.
+        """The archive's bytes, in order, each exactly once, as one stream; resumes broken
+        transfers. Close it (``contextlib.aclosing``) when stopping early, so the connection
+        is freed. `download_to` fetches big archives in parallel parts."""
+        path, params = self._download_target(artifact_id, version_id)
+        st = _Download(hasher=xxhash.xxh3_64())
+        async with aclosing(self._chunks(st, path, params)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-        Close it (``contextlib.aclosing``) when stopping early, so the connection is freed.
-        """
+    async def download_to(self, artifact_id: str, version_id: str | None,
+                          deliver: Callable[[bytes], Awaitable[bool]]) -> None:
+        """Hand the archive's bytes to `deliver` in order, each exactly once, until it returns
+        False or the archive ends. The first GET asks for the first PART_SIZE bytes; when the
+        answer is exactly that range of a bigger object, the rest comes as ranged GETs, up to
+        PARTS_IN_FLIGHT at once, each retried alone, over the same presigned link (a new one
+        from the API when it expires). Whatever a server does to ranges (ignores them, sends
+        others, drops Content-Length, changes its ETag), the download goes on as one stream
+        from the bytes handed over, which are never sent twice."""
+        path, params = self._download_target(artifact_id, version_id)
+        prefix = xxhash.xxh3_64()  # of every byte handed over: a re-sent prefix is checked
+        links = _Links()
+        head = _Download(end=PART_SIZE - 1, shared=links, hasher=prefix)
+        parts: list[_Part] = []
+        handed = 0
+        stopped = False
+        fallback: _NoRanges | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            # The head is one of those in flight; a slot comes back as a part is handed over.
+            slots = trio.Semaphore(PARTS_IN_FLIGHT - 1)
+
+            async def launch() -> None:
+                for part in parts:
+                    await slots.acquire()
+                    nursery.start_soon(self._fill, part, path, params)
+
+            def plan() -> None:  # at the head's first answer, before any of its bytes
+                total, end = head.total, head.end
+                if total is None or end is None or end + 1 >= total:
+                    return  # one stream: a small archive, or a server that sent the whole
+                head.part = True
+                for start in range(end + 1, total, PART_SIZE):
+                    parts.append(_Part(_Download(
+                        start=start, end=min(start + PART_SIZE, total) - 1, total=total,
+                        etag=head.etag, validator=head.validator, shared=links,
+                        part=True)))  # the link: the shared one when the part starts
+                nursery.start_soon(launch)
+
+            head.on_answer = plan
+            try:
+                async with aclosing(self._chunks(head, path, params)) as chunks:
+                    async for chunk in chunks:
+                        handed += len(chunk)
+                        if not await deliver(chunk):
+                            stopped = True
+                            break
+                if not stopped:
+                    for part in parts:
+                        while True:
+                            if part.chunks:
+                                chunk = part.chunks.popleft()
+                                handed += len(chunk)
+                                prefix.update(chunk)
+                                if not await deliver(chunk):
+                                    stopped = True
+                                    break
+                            elif part.error is not None:
+                                raise part.error
+                            elif part.done:
+                                break
+                            else:
+                                await part.wait()
+                        if stopped:
+                            break
+                        slots.release()
+            except _NoRanges as exc:
+                fallback = exc
+            except Exception as exc:  # noqa: BLE001 - raised as itself, not in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if stopped or fallback is None:
+            return
+        log.info("%s: %s; the rest (from byte %d) comes as one stream", _where_blob(
+            links.link) if links.link else f"GET {path}", fallback, handed)
+        st = _Download(received=handed, total=head.total, etag=head.etag,
+                       validator=head.validator, link=links.link, hasher=prefix)
+        async with aclosing(self._chunks(st, path, params)) as chunks:
+            async for chunk in chunks:
+                if not await deliver(chunk):
+                    return
+
+    async def _fill(self, part: _Part, path: str, params: dict[str, str] | None) -> None:
+        """Fetch one part into memory (it waits there for its turn to be handed over)."""
+        try:
+            async with aclosing(self._chunks(part.st, path, params)) as chunks:
+                async for chunk in chunks:
+                    part.chunks.append(chunk)
+                    part.wake()
+            part.done = True
+        except Exception as exc:  # noqa: BLE001 - raised when the part's turn comes
+            part.error = exc
+        part.wake()
+
+    def _download_target(self, artifact_id: str,
+                         version_id: str | None) -> tuple[str, dict[str, str] | None]:
         path = f"/v1/artifacts/{_segment(artifact_id)}/download"
         params = {"version_id": version_id, "versionId": version_id} if version_id else None
+        return path, params
+
+    async def _chunks(self, st: _Download, path: str,
+                      params: dict[str, str] | None) -> AsyncIterator[bytes]:
+        """The bytes of `st`'s range (to the archive's end when it has none), each once."""
         what = f"GET {path}"
-        st = _Download()
         deadline = self._clock() + self._retry_time
         failures = 0
         while True:
@@ -519,10 +682,15 @@ class ApiClient:
                 if resp is None:
                     return  # a 416 told us we already hold the whole archive
                 try:
-                    skip = self._check_resume(resp, st)
+                    skip, check = self._check_resume(resp, st)
+                    if st.on_answer is not None:
+                        st.on_answer()
+                        st.on_answer = None
+                    # A range answered past its end is cut there.
+                    want = math.inf if st.end is None else st.end + 1 - st.at
                     async with aclosing(_raw_chunks(resp, self._chunk_size, self._speed_limit,
                                                     self._speed_time)) as chunks:
-                        while True:
+                        while want > 0:
                             try:
                                 chunk = await anext(chunks)
                             except StopAsyncIteration:
@@ -533,21 +701,35 @@ class ApiClient:
                                 raise _Retry(f"download stalled: {exc}") from exc
                             if skip:  # a 200 to a resume, or a 206 starting early
                                 dropped = min(skip, len(chunk))
+                                if check is not None:
+                                    check.update(chunk[:dropped])
                                 chunk, skip = chunk[dropped:], skip - dropped
+                                if not skip and check is not None:
+                                    self._check_prefix(check, st)
+                            chunk = chunk[:want] if len(chunk) > want else chunk
                             if chunk:
                                 st.received += len(chunk)
+                                want -= len(chunk)
+                                if st.hasher is not None:
+                                    st.hasher.update(chunk)
                                 yield chunk
                 finally:
                     await resp.aclose()
                 if skip:
                     raise _Retry("body ended before the resume point")
-                if st.total is not None and st.received < st.total:
-                    raise _Retry(f"body ended after {st.received} of {st.total} bytes")
-                if st.total is not None and st.received > st.total:
-                    raise ApiError(f"{what}: got {st.received} bytes, {st.total} announced")
+                last = st.end if st.end is not None else (
+                    st.total - 1 if st.total is not None else None)
+                if last is not None and st.at <= last:
+                    raise _Retry(f"body ended at byte {st.at} of {last + 1}")
+                if st.total is not None and st.at > st.total:
+                    raise ApiError(f"{what}: got {st.at} bytes, {st.total} announced")
                 return
+            except _Fallback:
+                continue
             except _Retry as retry:
-                left = st.total - before if st.total is not None else PROGRESS_RESET
+                left = st.end + 1 - st.start if st.end is not None else (
+                    st.total - st.start if st.total is not None else PROGRESS_RESET)
+                left -= before
                 if st.received - before >= min(PROGRESS_RESET, max(left // 4, 1)):
                     # Real progress (1 MiB, or a quarter of what was left): a long download gets
                     # a fresh budget after each hiccup. A trickle does not: it fails in time.
@@ -662,11 +844,25 @@ class ApiClient:
         """A streaming 200/206 answer for the archive, following redirects without the key.
 
         Returns None when the server says the range past our bytes is empty (we are done).
-        """
+        Parts that share links ask the API for a new one one at a time: the first to find its
+        link refused asks; the others take what it got."""
+        if st.link is None and st.shared is not None:
+            async with st.shared.lock:
+                if st.shared.link is not None and st.shared.link != st.refused:
+                    st.link = st.shared.link
+                else:
+                    resp = await self._open_answer(st, path, params)
+                    st.shared.link = st.link
+                    return resp
+        return await self._open_answer(st, path, params)
+
+    async def _open_answer(
+        self, st: _Download, path: str, params: dict[str, str] | None
+    ) -> httpx.Response | None:
         for _ in range(MAX_REDIRECTS + 1):
             headers = {"Accept-Encoding": "identity"}  # byte offsets must be the stored bytes
-            if st.received:
-                headers["Range"] = f"bytes={st.received}-"
+            if not st.plain and (st.at or st.end is not None):
+                headers["Range"] = f"bytes={st.at}-{'' if st.end is None else st.end}"
                 if st.validator:
                     headers["If-Range"] = st.validator
             if st.link is None:
@@ -708,13 +904,16 @@ class ApiClient:
                     raise self._api_failure(resp, where)
                 # The object store: never show its body (S3 errors echo the signature).
                 if status in (400, 401, 403):
-                    st.link = None  # expired or rejected presigned link: ask for a new one
+                    # An expired or rejected presigned link: ask for a new one.
+                    st.refused, st.link = st.link, None
                     raise _Retry(f"{where}: HTTP {status}, presigned link refused")
                 if status == 404:
                     raise NotFound(f"{where}: archive not found", status=status)
                 if status == 416:
+                    if st.part:
+                        raise _NoRanges(f"a part asked from byte {st.at} was answered 416")
                     match = _UNSATISFIED_RANGE.match(resp.headers.get("content-range", ""))
-                    if match and int(match.group(1)) == st.received:
+                    if match and int(match.group(1)) == st.at and not st.part:
                         return None
                 if status == 429 or status >= 500:
                     raise _Retry(
@@ -726,32 +925,67 @@ class ApiClient:
                 await resp.aclose()
         raise ApiError(f"GET {path}: more than {MAX_REDIRECTS} redirects")
 
-    def _check_resume(self, resp: httpx.Response, st: _Download) -> int:
-        """Validate a 200/206 against what we already hold; return how many bytes to skip."""
+    def _check_resume(self, resp: httpx.Response, st: _Download) -> tuple[int, Any]:
+        """Validate a 200/206 against what we already hold: how many bytes to skip, and a
+        hasher when those bytes must be checked against the ones already handed over (the
+        object came again under another ETag). Raises _NoRanges for a part that is not
+        answered with exactly its range, _Fallback to ask again without Range."""
         etag = resp.headers.get("etag")
+        at = st.at
         if resp.status_code == 206:
-            match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
-            if not match or int(match.group(1)) > st.received:
-                raise _Retry(f"unusable Content-Range {resp.headers.get('content-range')!r}")
-            start = int(match.group(1))
+            content_range = resp.headers.get("content-range", "")
+            match = _CONTENT_RANGE.match(content_range)
+            start = int(match.group(1)) if match else -1
+            if st.part and (start != at or _content_length(resp) is None):
+                raise _NoRanges(f"a part asked from byte {at} was answered with "
+                                f"{content_range or 'no Content-Range'!r}")
+            if start < 0 or start > at or (st.end is not None and _content_length(resp) is None):
+                # Ranges this server mangles are not used again: a plain GET from here on.
+                st.plain, st.end = True, None
+                log.info("unusable Content-Range %r (asked from byte %d): one plain stream",
+                         content_range, at)
+                raise _Fallback()
             total = None if match.group(3) == "*" else int(match.group(3))
         else:
+            if st.part:
+                raise _NoRanges(f"a part asked from byte {at} was answered with the whole "
+                                "object (HTTP 200)")
             start, total = 0, _content_length(resp)
-        if st.received and (
-            (st.etag and etag and etag != st.etag)
-            or (st.total is not None and total is not None and total != st.total)
-        ):
-            # The bytes already yielded belong to another object: resuming would corrupt.
-            raise ApiError("the archive changed on the server during the download")
+            st.end = None  # the whole body comes: take it all
+        check = None
+        if (st.etag and etag and etag != st.etag) or (
+                st.total is not None and total is not None and total != st.total):
+            if st.part:
+                raise _NoRanges(f"the ETag changed between parts ({st.etag} then {etag})")
+            if at and (st.hasher is None or (
+                    st.total is not None and total is not None and total != st.total)):
+                # The bytes already yielded belong to another object: resuming would corrupt.
+                raise ApiError("the archive changed on the server during the download")
+            if at and start:
+                st.plain, st.end = True, None  # the prefix must come again, to be checked
+                raise _Fallback()
+            if at:
+                check = xxhash.xxh3_64()  # the new object's first bytes must be those we hold
+            st.etag = st.validator = None
         if st.total is None:
             st.total = total
+        if total is not None and st.end is not None:
+            st.end = min(st.end, total - 1)
         if st.etag is None and etag:
             st.etag = etag
             if not etag.startswith("W/"):  # If-Range needs a strong validator
                 st.validator = etag
         if st.validator is None and resp.headers.get("last-modified"):
             st.validator = resp.headers["last-modified"]
-        return st.received - start
+        return at - start, check
+
+    def _check_prefix(self, check: Any, st: _Download) -> None:
+        """The bytes re-sent before the resume point under a new ETag: the same as those
+        handed over, or the archive changed and the download fails."""
+        if check.intdigest() != st.hasher.intdigest():
+            raise ApiError("the archive changed on the server during the download")
+        log.info("the archive's ETag changed to %s; its first %d bytes are the same: going on",
+                 st.etag, st.at)
 
     def _api_failure(self, resp: httpx.Response, where: str) -> Exception:
         """The exception for a non-2xx API answer: _Retry for 5xx/429, else an ApiError."""

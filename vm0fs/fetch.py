@@ -27,6 +27,7 @@ from vm0fs.units import human
 log = logging.getLogger("vm0fs.fetch")
 
 PUBLISH_BATCH = 512  # members added between two wake-ups of the event loop
+PIPELINE_CHUNKS = 16  # downloaded chunks (of up to 256 KiB) queued for the inflating thread
 PROGRESS_LOG_INTERVAL = 5.0
 # What a version may expand to, beyond the sizes of its files that the API tells: a header and
 # padding per file (and a long name or a pax header), and a margin for folders, links and the
@@ -36,6 +37,9 @@ SIZE_MARGIN = 64 << 20
 
 
 class Downloader(Protocol):
+    """The client's side of a download: `download` (an async iterator of the archive's bytes),
+    and `download_to` (the bytes handed to a callback; parallel parts) where it has one."""
+
     def download(self, artifact_id: str, version_id: str | None = None) -> Any: ...
 
 
@@ -165,23 +169,70 @@ class Fetch:
         return entry
 
     async def _receive(self, sink: TarSink, on_step: Callable[[], None]) -> None:
+        """Download and inflate side by side: the download hands chunks over a bounded queue,
+        and each hop to the inflating thread takes every chunk queued by then."""
         log.info("downloading version %s of artifact %s (files %s)",
                  self.version_id[:12], self.artifact_id, human(self.expected_size))
-        last_log = time.monotonic()
-        async with aclosing(self.client.download(self.artifact_id, self.version_id)) as chunks:
-            async for chunk in chunks:
-                self.received += len(chunk)
-                self.progress.advance(await trio.to_thread.run_sync(sink.feed, chunk))
-                on_step()
-                if sink.done:  # the tar ended long before the stream: the rest is not needed
-                    log.info("version %s: the tar ends at byte %d; the rest of the download "
-                             "is dropped", self.version_id[:12], sink.end)
+        send, queued = trio.open_memory_channel[bytes](PIPELINE_CHUNKS)
+
+        async def deliver(chunk: bytes) -> bool:
+            self.received += len(chunk)
+            await send.send(chunk)
+            return True
+
+        failures: list[Exception] = []  # raised as themselves, not in a group
+
+        async def download() -> None:
+            async with send:
+                try:
+                    download_to = getattr(self.client, "download_to", None)
+                    if download_to is not None:
+                        await download_to(self.artifact_id, self.version_id, deliver)
+                        return
+                    async with aclosing(self.client.download(self.artifact_id,
+                                                             self.version_id)) as chunks:
+                        async for chunk in chunks:
+                            await deliver(chunk)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+
+        def feed(chunks: list[bytes]) -> int:  # in a worker thread
+            for chunk in chunks:
+                durable = sink.feed(chunk)
+                if sink.done:
                     break
-                if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                    last_log = time.monotonic()
-                    log.info("downloading version %s: download %s so far, unpacked %s (files "
-                             "%s)", self.version_id[:12], human(self.received),
-                             human(self.progress.durable), human(self.expected_size))
+            return durable
+
+        last_log = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download)
+            try:
+                async with queued:
+                    async for chunk in queued:
+                        chunks = [chunk]
+                        while True:
+                            try:
+                                chunks.append(queued.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        self.progress.advance(await trio.to_thread.run_sync(feed, chunks))
+                        on_step()
+                        # The tar ended long before the stream: the rest is not needed.
+                        if sink.done:
+                            log.info("version %s: the tar ends at byte %d; the rest of the download"
+                                     " is dropped", self.version_id[:12], sink.end)
+                            nursery.cancel_scope.cancel()
+                            break
+                        if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
+                            last_log = time.monotonic()
+                            log.info("downloading version %s: download %s so far, unpacked %s "
+                                     "(files %s)", self.version_id[:12], human(self.received),
+                                     human(self.progress.durable), human(self.expected_size))
+            except Exception as exc:  # noqa: BLE001 - raised below, as itself
+                failures.insert(0, exc)
+                nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
         self.progress.advance(await trio.to_thread.run_sync(sink.finish))
         self.progress.end()
         on_step()
