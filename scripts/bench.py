@@ -82,10 +82,10 @@ VENV_BIN = REPO / ".venv" / "bin"
 VM0FS = str(VENV_BIN / "vm0fs")
 TOKEN = "bench-token"
 SEED = 20250105
-DATA_FORMAT = 2  # bump whenever the generators change: the data is rebuilt
+DATA_FORMAT = 3  # bump whenever the generators change: the data is rebuilt
 NEEDLE = "PANIC checkpoint shard mismatch"
 EPOCH = 1735689600  # 2025-01-01T00:00:00Z: every member's and archive's mtime is near it
-PHASES = ("listing", "cold", "warm", "memory", "remount", "reads", "ttfb")
+PHASES = ("listing", "cold", "first", "warm", "memory", "remount", "reads", "ttfb")
 DEFAULT_BANDWIDTH = 12_000_000  # bytes/s for the time-to-first-byte measurement
 
 CMD_TIMEOUT = 900.0  # one measured command
@@ -113,10 +113,17 @@ class Scale:
     reps: int
     tiny_files: int  # files of under 100 bytes in the tiny dataset
     tiny_dirs: int
+    look_files: int  # log files of LOOK_FILE_BYTES in the first-look version
+    sweep_artifacts: int  # artifacts of SWEEP_FILES log files of SWEEP_FILE_BYTES, for sweeps
 
 
-FULL = Scale("full", 500, 100, 64 << 20, 3000, 250, 5, 50_000, 300)
-QUICK = Scale("quick", 40, 50, 16 << 20, 300, 250, 2, 5_000, 30)
+FULL = Scale("full", 500, 100, 64 << 20, 3000, 250, 5, 50_000, 300, 2000, 30)
+QUICK = Scale("quick", 40, 50, 16 << 20, 300, 250, 2, 5_000, 30, 400, 10)
+LOOK_FILE_BYTES = 100_000
+SWEEP_FILES, SWEEP_FILE_BYTES = 300, 20_000
+# The first-look phase's real network: each blob connection capped, as one stream to an object
+# store is, and a time to first byte for each blob answer.
+NETWORK = {"bandwidth": 25_000_000, "blob_ttfb_ms": 30}
 
 WORDS = (
     "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma",
@@ -218,6 +225,23 @@ def write_logs(path: Path, scale: Scale, rng: random.Random) -> TarGzWriter:
                 lines.insert(rng.randrange(len(lines)), f"{NEEDLE} at step {step}\n")
             out.add(f"agent-logs/day-{day:02d}/run-{run:03d}/step-{step:03d}.log",
                     "".join(lines).encode())
+    out.close()
+    return out
+
+
+def write_log_files(path: Path, rng: random.Random, files: int, size: int,
+                    needles: int) -> TarGzWriter:
+    """`files` log files of about `size` bytes (lines drawn from a pool far bigger than gzip's
+    window, so the archive compresses as real logs do, about 4x), the needle in `needles`."""
+    pool = [_log_line(rng, rng.randrange(5), rng.randrange(86400)) for _ in range(60_000)]
+    lines_per_file = max(1, size // (sum(map(len, pool[:1000])) // 1000))
+    marked = set(rng.sample(range(files), min(needles, files)))
+    out = TarGzWriter(path)
+    for i in range(files):
+        lines = rng.choices(pool, k=lines_per_file)
+        if i in marked:
+            lines.insert(rng.randrange(len(lines)), f"{NEEDLE} in file {i}\n")
+        out.add(f"logs/worker-{i // 100:02d}/run-{i:04d}.log", "".join(lines).encode())
     out.close()
     return out
 
@@ -337,6 +361,7 @@ class Data:
         self.scale = scale
         self.data = root / "data"
         self.many = root / "data-many"
+        self.first = root / "data-first"  # the first-look version, and the sweep's artifacts
         self.local = root / "local"
         self.manifest = root / "manifest.json"
         self.sets: dict[str, Dataset] = {}
@@ -358,7 +383,7 @@ class Data:
         self._extract()
 
     def _generate(self) -> dict[str, dict[str, int]]:
-        for path in (self.data, self.many, self.local):
+        for path in (self.data, self.many, self.first, self.local):
             remove_tree(path)
         sets: dict[str, dict[str, int]] = {}
         writers: dict[str, Callable[[Path, Scale, random.Random], TarGzWriter]] = {
@@ -375,6 +400,18 @@ class Data:
             folder = self.many / f"art-{i:03d}"
             folder.mkdir(parents=True)
             write_tiny(folder / "v1.tar.gz", i)
+        firsts: list[tuple[str, int, int, int]] = [("look", self.scale.look_files,
+                                                     LOOK_FILE_BYTES, 3)]
+        firsts += [(f"sweep-{i:02d}", SWEEP_FILES, SWEEP_FILE_BYTES, 1)
+                   for i in range(self.scale.sweep_artifacts)]
+        for n, (name, files, size, needles) in enumerate(firsts):
+            folder = self.first / name
+            folder.mkdir(parents=True)
+            out = write_log_files(folder / "v1.tar.gz", random.Random(SEED + 100 + n), files,
+                                  size, needles)
+            if n < 2:
+                say(f"  {name}: {out.files} files, {out.bytes / 1e6:.1f} MB, "
+                    f"archive {out.path.stat().st_size / 1e6:.1f} MB")
         return sets
 
     def _extract(self) -> None:
@@ -832,7 +869,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         if "listing" in phases:
             self.phase("listing", self.listing)
-        if {"cold", "warm", "memory", "remount", "reads", "ttfb"} & set(phases):
+        if {"cold", "first", "warm", "memory", "remount", "reads", "ttfb"} & set(phases):
             self.server = self.procs.start_server(self.data.data, self.logs / "server.log")
             by_name = {a["name"]: a for a in list_artifacts(self.server)}  # hashes the archives
             for ds in self.data.sets.values():
@@ -840,6 +877,8 @@ class Bench:
                 ds.version_id = by_name[ds.name]["current_version_id"]
             if "cold" in phases:
                 self.phase("cold", self.cold)
+            if "first" in phases:
+                self.phase("first", self.first)
             if "warm" in phases or "memory" in phases:
                 self.phase("warm", self.warm)
             if "remount" in phases:
@@ -950,6 +989,71 @@ class Bench:
             self.add(Row("cold: vm0fs mount (fresh cache), time", "s", mounts))
             self.add(Row(f"cold: peak memory after first find, {label}", "MB", hwm,
                          note="VmHWM: download + inflate + index"))
+
+    def first(self) -> None:
+        """The first look at versions nobody has downloaded: `grep -r` of one version, and
+        `grep -r` and `rg` over `*/current/` of many artifacts, against `curl | tar -xz` of the
+        same archives followed by the same command on the extracted trees; with each blob
+        connection capped at NETWORK (an object store) and on loopback with no cap."""
+        server = self.procs.start_server(self.data.first, self.logs / "server-first.log")
+        scratch = self.fresh(self.run_dir / "first")
+        try:
+            found = {a["name"]: (a["id"], a["current_version_id"]) for a in list_artifacts(server)}
+            sweep = sorted(n for n in found if n.startswith("sweep-"))
+            pairs = "\n".join(" ".join(found[n]) for n in sweep)
+            fetch = (location_cmd()
+                     + 'mkdir -p "$DEST/$ID"; curl -sSf "$loc" | tar -xz -C "$DEST/$ID"')
+            loop = f'while read -r ID VID; do {fetch} || exit 1; done <<< "$PAIRS"; '
+            workloads = [
+                ("grep -r of one version", "look/current/", "grep -r",
+                 {"ID": found["look"][0], "VID": found["look"][1]}, fetch + "; "),
+                (f"grep -r over */current/ of {len(sweep)} artifacts", "sweep-*/current/",
+                 "grep -r", {"PAIRS": pairs}, loop),
+                (f"rg over */current/ of {len(sweep)} artifacts", "sweep-*/current/", "rg",
+                 {"PAIRS": pairs}, loop),
+            ]
+            targets = {"capped": (0.35, 0.6, 0.5), "loopback": (0.5, 0.7, 0.5)}
+            if shutil.which("rg") is None:
+                workloads.pop()
+                self.notes.append("rg is not installed (apt-get install ripgrep): its first-look "
+                                  "rows were skipped")
+            for network, faults in (("capped", NETWORK), ("loopback", {})):
+                http_json(f"{server.url}/_dev/faults", "POST",
+                          {"bandwidth": 0, "blob_ttfb_ms": 0} | faults)
+                for (label, glob, tool, env, download), limit in zip(
+                        workloads, targets[network], strict=False):
+                    self._first(server, scratch, f"{label}, {network}", glob, tool, env,
+                                download, limit)
+        finally:
+            self.procs.stop_server(server)
+            remove_tree(scratch)
+
+    def _first(self, server: Server, scratch: Path, label: str, glob: str, tool: str,
+               env: dict[str, str], download: str, limit: float) -> None:
+        looks: list[float] = []
+        refs: list[float] = []
+        grep = f"{tool} {shlex.quote(NEEDLE)}"
+        base = dict(os.environ, TOKEN=TOKEN, API=server.url, **env)
+        for rep in range(self.reps):
+            for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                os.sync()
+                self._mounts += 1
+                if side == 0:
+                    cache = scratch / f"cache-{self._mounts}"
+                    mp, _ = self.mount(cache, server)
+                    try:
+                        cmd = f"{grep} {shlex.quote(str(mp / 'artifacts'))}/{glob}"
+                        looks.append(time_cmd(["bash", "-c", cmd], (0, 1), capture=True)[0])
+                    finally:
+                        self.procs.unmount_vm0fs(mp)
+                else:
+                    dest = scratch / f"extract-{self._mounts}"
+                    dest.mkdir()
+                    script = download + f'{grep} "$DEST"'
+                    refs.append(time_cmd(["bash", "-o", "pipefail", "-c", script], (0, 1),
+                                         env=base | {"DEST": str(dest)}, capture=True)[0])
+        self.add(Row(f"first look: {label}", "s", looks, "curl | tar -xz, then the same", refs,
+                     at_most(limit)))
 
     def fill_warm_cache(self) -> Path:
         cache = self.run_dir / "cache-warm"

@@ -108,7 +108,7 @@ def test_listings_download_one_at_a_time_newest_first(tmp_path: Path) -> None:
             await until(lambda: len(client.started) == 1 and h.store.listing_queue == 3, "queued")
             assert client.started == [ids[0]]
             status = json.loads(await h.read(".vm0fs/status.json"))
-            assert status["listing_only_downloads"] == {"total": 4, "queued": 3, "at_once": 1}
+            assert status["listing_only_downloads"] == {"total": 4, "queued": 3, "at_once": 4}
             for step in range(3):
                 client.release(client.started[-1])
                 await until(lambda n=step: len(client.started) == n + 2, "next")
@@ -118,6 +118,39 @@ def test_listings_download_one_at_a_time_newest_first(tmp_path: Path) -> None:
         assert client.peak == 1 and h.store.listing_queue == 0
         assert all(names == {"README.md", "data.bin"} for names in listed.values())
         assert len(listed) == 4
+
+    run(tmp_path, client, test)
+
+
+def test_listings_of_many_artifacts_run_side_by_side(tmp_path: Path) -> None:
+    """A sweep (`rg` over artifacts/*/current/) lists one version of each of many artifacts:
+    those run side by side, up to the bound, while a second version of one artifact (what a
+    file manager's item count lists) waits for the first."""
+    client = GatedClient()
+    sweep = [client.add(f"a{i}", f"run-{i}", archives(1))[0] for i in range(6)]
+    first, extra = client.add("b", "reports", archives(2))
+    client.hold(*sweep, first, extra)
+
+    async def test(h: Harness) -> None:
+        listed: dict[str, set[str]] = {}
+
+        async def count(path: str) -> None:
+            listed[path] = await listdir(h, path)
+
+        async with trio.open_nursery() as nursery:
+            for i, vid in enumerate(sweep[:3]):
+                nursery.start_soon(count, f"artifacts/run-{i}/{vid}")
+            await until(lambda: len(client.started) == 3, "three artifacts side by side")
+            nursery.start_soon(count, f"artifacts/reports/{first}")
+            await until(lambda: len(client.started) == 4, "a fourth artifact")
+            nursery.start_soon(count, f"artifacts/reports/{extra}")
+            for i, vid in enumerate(sweep[3:], start=3):
+                nursery.start_soon(count, f"artifacts/run-{i}/{vid}")
+            await until(lambda: h.store.listing_queue == 4, "the rest queue")
+            assert client.peak == 4 and extra not in client.started
+            for vid in list(client.gates):
+                client.release(vid)
+        assert client.peak == 4 and len(listed) == 8
 
     run(tmp_path, client, test)
 

@@ -8,7 +8,10 @@ by one worker thread while another reads tar headers from the same file and publ
 
 Downloads are scheduled by who asked. A version only *listed* so far (its folder read with
 readdir, as a file manager does to count the items of every folder it shows) downloads through
-a queue, LISTING_DOWNLOADS at a time, newest request first. Naming a path inside a version
+a queue, newest request first: one at a time for each artifact, LISTING_DOWNLOADS at a time in
+all. A file manager counting the items of every folder it shows lists the versions of one
+artifact (they queue behind each other); a sweep over `artifacts/*/current/` lists one version
+of each of many artifacts (they run side by side). Naming a path inside a version
 (lookup) or reading a file of it is use: that download starts at once, and a queued one jumps
 the queue. A run of listing-only downloads of one artifact's versions is reported once (see
 ListingBurst): it is the signature of GNOME Files counting items on a "local" filesystem.
@@ -61,7 +64,7 @@ NODE_CACHE = 2048  # nodes of entries kept per version in memory
 RECENTLY_READ = 300.0
 TOUCH_INTERVAL = 60.0  # how often reads of one version update its last use in the cache
 CAP_CHECK_INTERVAL = 10.0  # seconds between two checks of the cache cap
-LISTING_DOWNLOADS = 1  # downloads that only listings asked for, at once; the rest queue
+LISTING_DOWNLOADS = 4  # downloads that only listings asked for, at once (one per artifact)
 BURST_VERSIONS = 3  # listing-only downloads of one artifact's versions in a row that we report
 BURST_GAP = 10.0  # seconds between one and the next (asked, or the last ended) to be "in a row"
 GNOME_SETTING = "gsettings set org.gnome.nautilus.preferences show-directory-item-counts 'never'"
@@ -201,8 +204,7 @@ class ListingBurst:
     and says once (in the log) what is going on and how to stop it; `notice` keeps the latest
     such run for `vm0fs status`. Holds version ids only, never a version's state."""
 
-    def __init__(self, slots: int = LISTING_DOWNLOADS) -> None:
-        self.slots = slots
+    def __init__(self) -> None:
         self.notice: dict[str, Any] | None = None
         self.name_of: Callable[[str], str] = lambda artifact_id: artifact_id
         # artifact id -> (when the run last moved, the versions in it)
@@ -239,7 +241,7 @@ class ListingBurst:
             f"artifacts/{name}: {count} versions in a row were downloaded only to list their "
             "folders, none read: what a file manager does when it counts the items of every "
             "folder it shows (GNOME Files/Nautilus does on local disks, and FUSE mounts count "
-            f"as local). Such downloads run {self.slots} at a time; reads go first.")
+            "as local). Such downloads run one at a time for each artifact; reads go first.")
         message = f"{summary} To stop it in GNOME: {GNOME_SETTING}"
         first = self.notice is None
         self.notice = {"time": time.time(), "artifact": name, "artifact_id": artifact_id,
@@ -274,8 +276,9 @@ class VersionStore:
         self.listing_slots = listing_downloads
         self.listing_only = 0  # of them, asked for by listings alone
         self._listing_running = 0
+        self._listing_artifacts: set[str] = set()  # artifacts with one of them running
         self._queue: deque[VersionState] = deque()  # listing-only downloads waiting for a slot
-        self.bursts = ListingBurst(listing_downloads)
+        self.bursts = ListingBurst()
         self.blocks = BlockReader()
         self.repairs = 0  # damaged cached copies found (and fetched again, when online)
         self._nursery: trio.Nursery | None = None
@@ -413,7 +416,7 @@ class VersionStore:
         if state.used:
             return
         self.listing_only += 1
-        if self._listing_running < self.listing_slots and not self._queue:
+        if self._may_run(state):
             self._take_slot(state)
             return
         turn = state.turn = trio.Event()
@@ -427,19 +430,30 @@ class VersionStore:
             if state in self._queue:  # cancelled while waiting
                 self._queue.remove(state)
 
+    def _may_run(self, state: VersionState) -> bool:
+        return (self._listing_running < self.listing_slots
+                and state.artifact_id not in self._listing_artifacts)
+
     def _take_slot(self, state: VersionState) -> None:
         state.slot = True
         self._listing_running += 1
+        self._listing_artifacts.add(state.artifact_id)
 
     def _release_slot(self, state: VersionState) -> None:
         if state.slot:
             state.slot = False
             self._listing_running -= 1
-        while self._queue and self._listing_running < self.listing_slots:
-            following = self._queue.pop()  # the newest request: the likeliest to be a person
-            self._take_slot(following)
-            assert following.turn is not None
-            following.turn.set()
+            self._listing_artifacts.discard(state.artifact_id)
+        # The newest requests first (the likeliest to be a person), each when its artifact
+        # has none running.
+        for following in reversed(list(self._queue)):
+            if self._listing_running >= self.listing_slots:
+                break
+            if self._may_run(following):
+                self._queue.remove(following)
+                self._take_slot(following)
+                assert following.turn is not None
+                following.turn.set()
 
     def _ask_again(self, state: VersionState) -> None:
         """A queued version was listed again: it becomes the newest request."""
