@@ -22,9 +22,10 @@ import trio
 from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
 from vm0fs.errors import ArchiveError, NotFound, Unauthorized, Unavailable
-from vm0fs.fs import CONTENT_TIMEOUT, Operations, folder_names, safe_name
+from vm0fs.fs import CONTENT_TIMEOUT, Operations
 from vm0fs.integrity import BLOCK
 from vm0fs.meta import Listings
+from vm0fs.namespace import folder_names, safe_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import VersionStore
 
@@ -264,11 +265,12 @@ def test_listing_layout_without_downloads(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
         assert set(await h.listdir("artifacts")) == {"run", "empty"}
         entries = await h.listdir("artifacts/run")
-        assert set(entries) == {*ids, "current"}
+        assert set(entries) == {*ids, "current", "history"}
         assert stat.S_ISLNK(entries["current"].st_mode)
         current = await h.lookup("artifacts/run/current")
         assert os.fsdecode(await h.ops.readlink(current.st_ino)) == ids[0]
-        assert await h.listdir("artifacts/empty") == {}
+        assert set(await h.listdir("artifacts/empty")) == {"history"}
+        assert await h.listdir("artifacts/empty/history") == {}
         vdir = await h.lookup(f"artifacts/run/{ids[1]}")
         assert stat.S_ISDIR(vdir.st_mode)
         assert vdir.st_mtime_ns == int(1e9 * 1e9)
@@ -688,6 +690,7 @@ def test_changed_listings_get_a_new_mtime_and_are_invalidated(tmp_path: Path) ->
     async def test(h: Harness) -> None:
         top = await h.resolve("artifacts")
         folder = await h.resolve("artifacts/run")
+        history = await h.resolve("artifacts/run/history")
         await h.listdir("artifacts")
         await h.listdir("artifacts/run")
         same = await h.ops.getattr(top.st_ino)
@@ -701,7 +704,7 @@ def test_changed_listings_get_a_new_mtime_and_are_invalidated(tmp_path: Path) ->
         assert (await h.ops.getattr(folder.st_ino)).st_mtime_ns > before
         assert "new" in await h.listdir("artifacts")
         assert "f" * 64 in await h.listdir("artifacts/run")
-        expected = {top.st_ino, folder.st_ino} if h.ops.stateless else set()
+        expected = {top.st_ino, folder.st_ino, history.st_ino} if h.ops.stateless else set()
         assert h.ops._stale_listings == expected
 
     run(tmp_path, client, test, ttl=0)

@@ -33,9 +33,9 @@ from vm0fs.cache import Cache
 from vm0fs.control import CONTROL_DIR, status_text
 from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fetch import Fetch
-from vm0fs.fs import HEX_PREFIX, folder_names
 from vm0fs.meta import Listings, listing_namespace
 from vm0fs.mounttable import MountEntry, mounts, user_name, vm0fs_mount_of
+from vm0fs.namespace import HEX_PREFIX, folder_names
 from vm0fs.units import human
 
 err = Console(stderr=True, highlight=False)
