@@ -42,7 +42,8 @@ from mounting import (
 )
 
 from vm0fs.cache import MARKER, Cache
-from vm0fs.mount import MountConfig, fuse_device_hint, mount_failure
+from vm0fs.mount import fuse_device_hint, mount_failure
+from vm0fs.mountpoint import MountConfig
 from vm0fs.tree import TreeBuilder
 
 pytest_plugins = ["mounting"]

@@ -37,7 +37,7 @@ import trio
 from vm0fs.api import Artifact, Page, Version
 from vm0fs.errors import NotFound, Unavailable
 
-log = logging.getLogger("vm0fs.meta")
+log = logging.getLogger(__name__)
 
 OFFLINE_BACKOFF = 10.0  # seconds to serve stale listings without asking again after a failure
 STALE_AFTER = 2.0  # the longest an access that has a last listing waits for its refresh

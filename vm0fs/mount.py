@@ -23,18 +23,12 @@ from vm0fs.control import RecentErrors
 from vm0fs.errors import ApiError, Unauthorized, Unavailable
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
-from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
-    MountConfig,
-    MountError,
-    MountLock,
-    check_mountpoint,
-    unmount,
-)
+from vm0fs.mountpoint import MountConfig, MountError, MountLock, check_mountpoint
 from vm0fs.mounttable import user_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import RECENTLY_READ, VersionStore
 
-log = logging.getLogger("vm0fs.mount")
+log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 
 def mount_options(config: MountConfig) -> set[str]:
