@@ -71,13 +71,13 @@ def test_opening_a_folder_after_the_ttl_costs_its_record_and_versions(
     assert len(m.run(os.listdir, m.artifacts)) == 130
     folder = m.artifacts / "bulk-007"
     v1 = hashlib.sha256(archives.tiny(7)).hexdigest()
-    assert sorted(m.run(os.listdir, folder)) == sorted(["current", v1])
+    assert sorted(m.run(os.listdir, folder)) == sorted(["current", "history", v1])
 
     v2 = add_version(data, "bulk-007", archives.tiny(1007), EPOCH + 5000, "v2.tar.gz")
     shutil.rmtree(data / "bulk-003")
     past_the_ttl()
     srv.reset()
-    assert sorted(m.run(os.listdir, folder)) == sorted(["current", v1, v2])
+    assert sorted(m.run(os.listdir, folder)) == sorted(["current", "history", v1, v2])
     assert m.run(os.readlink, folder / "current") == v2
     counts = srv.stats()["requests"]
     assert counts["list_artifacts"] == 0, counts
