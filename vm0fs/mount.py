@@ -1,5 +1,7 @@
-"""Running a mount: pyfuse3 init/main/close under trio, mount options, signals, readiness and a
-clean unmount. `serve` is the whole life of one mount in the foreground.
+"""Serving a mount: the pieces of one mount put together (API client, cache, listings, version
+store, `fs.Operations`), pyfuse3 init/main/close under trio, mount options, signals, readiness
+and a clean unmount. `serve` is the whole life of one mount in its process; how that process
+starts and reports back is `launch`'s.
 """
 
 from __future__ import annotations
