@@ -130,10 +130,7 @@ class Operations(pyfuse3.Operations):
                  ) -> None:
         super().__init__()
         self.stateless = stateless_supported() if stateless is None else stateless
-        self.api_url = api_url
-        self.mountpoint = mountpoint
         self.xattrs = xattrs
-        self.recent_errors = recent_errors or RecentErrors()
         self.listings = listings
         self.store = store
         self.cache = cache
@@ -148,7 +145,8 @@ class Operations(pyfuse3.Operations):
         self.artifacts_dir = self.names.artifacts_dir
         self.control = Control(self.table, self.names, store, cache, api_url=api_url,
                                mountpoint=mountpoint, open_mode=self.open_mode,
-                               mounted_at=self.mounted_at, recent_errors=self.recent_errors)
+                               mounted_at=self.mounted_at,
+                               recent_errors=recent_errors or RecentErrors())
         self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
         # Stateless mode: readdir entries of recently listed folders, so that the calls of
@@ -184,9 +182,6 @@ class Operations(pyfuse3.Operations):
         if self.stateless:
             self._stale_listings.add(folder.inode)
             self._listings_changed.set()
-
-    async def status(self) -> dict[str, Any]:
-        return await self.control.status()
 
     # -- attributes --------------------------------------------------------------------
 
