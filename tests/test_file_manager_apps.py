@@ -7,7 +7,7 @@ it, and a version's listing needs its archive. vm0fs cannot tell that listing fr
 keeps the listing right and bounds the cost instead: those downloads run one at a time (the
 dev-server's blob_peak), and the mount says once, in its log and in `.vm0fs/status`, what is
 going on and the GNOME setting that stops it. With that setting ('never'), and in PCManFM and
-Thunar, opening the folder downloads nothing.
+Thunar, opening the folder, or its `history/` (links to the version folders), downloads nothing.
 
 Each program runs under Xvfb with a fresh home, settings and D-Bus session (dbus-run-session),
 in a process group of its own that is killed (SIGTERM, bounded wait, SIGKILL) when the test
@@ -333,13 +333,33 @@ def test_nautilus_without_item_counts_downloads_nothing(scene: Scene) -> None:
     assert_no_download(scene)
 
 
+def history_of(scene: Scene) -> list[str]:
+    """The artifacts' history/ folders: links to the version folders, named by time."""
+    return [os.path.join(folder, "history") for folder in scene.folders]
+
+
 @needs("pcmanfm")
-def test_pcmanfm_downloads_nothing(scene: Scene) -> None:
-    scene.open(["pcmanfm", "--no-desktop", *scene.folders])
+@pytest.mark.parametrize("where", ["artifact", "history"])
+def test_pcmanfm_downloads_nothing(scene: Scene, where: str) -> None:
+    folders = scene.folders if where == "artifact" else history_of(scene)
+    scene.open(["pcmanfm", "--no-desktop", *folders])
     assert_no_download(scene)
 
 
 @needs("thunar")
-def test_thunar_downloads_nothing(scene: Scene) -> None:
-    scene.open(["thunar", *scene.folders])
+@pytest.mark.parametrize("where", ["artifact", "history"])
+def test_thunar_downloads_nothing(scene: Scene, where: str) -> None:
+    folders = scene.folders if where == "artifact" else history_of(scene)
+    scene.open(["thunar", *folders])
+    assert_no_download(scene)
+
+
+@needs("nautilus")
+@pytest.mark.skipif(shutil.which("gsettings") is None,
+                    reason="gsettings is not installed (Debian: libglib2.0-bin)")
+def test_nautilus_without_item_counts_shows_history_without_a_download(scene: Scene) -> None:
+    # With item counts on, Nautilus counts what every link in history/ points at, as it
+    # counts the version folders of an artifact's folder (the README says so).
+    scene.open(["nautilus", "--new-window", *history_of(scene)],
+               {"default-folder-viewer": "list-view"}, shell_first=GNOME_SETTING)
     assert_no_download(scene)

@@ -76,8 +76,10 @@ class Demo:
 
     @property
     def folders(self) -> list[Path]:
-        """What a user opens on the way to a version: the mount, artifacts/, one artifact."""
-        return [self.mount.path, self.artifacts, self.artifacts / ARTIFACT]
+        """What a user opens on the way to a version: the mount, artifacts/, one artifact, and
+        its history/."""
+        return [self.mount.path, self.artifacts, self.artifacts / ARTIFACT,
+                self.artifacts / ARTIFACT / "history"]
 
     def requests(self) -> dict[str, int]:
         return dict(self.server.stats()["requests"])
@@ -164,7 +166,7 @@ def browse(folder: Path, xattrs: bool = False) -> dict[str, Any]:
             assert os.lstat(entry.path).st_ino == lst.st_ino
             if entry.is_symlink():
                 os.readlink(entry.path)
-            # Everything in these folders is a folder, or `current` (a link to one).
+            # Everything in these folders is a folder, or a link to one (`current`, history/).
             assert stat.S_ISDIR(os.stat(entry.path).st_mode), entry.path
             assert os.access(entry.path, os.R_OK | os.X_OK)
             assert not os.access(entry.path, os.W_OK)
@@ -208,7 +210,8 @@ def check_round(demo: Demo, seen: dict[Path, dict[str, Any]]) -> None:
     assert "artifacts" in seen[demo.mount.path]["names"]
     assert set(seen[demo.artifacts]["names"]) == DEMO_ARTIFACTS
     versions = seen[demo.artifacts / ARTIFACT]["names"]
-    assert "current" in versions and len(versions) == 4, versions
+    assert {"current", "history"} <= set(versions) and len(versions) == 5, versions
+    assert len(seen[demo.artifacts / ARTIFACT / "history"]["names"]) == 3
     for folder, result in seen.items():
         for name, errs in result["probes"].items():
             assert set(errs.values()) == {errno.ENOENT}, \
@@ -317,7 +320,7 @@ def test_gio_list_downloads_nothing(demo: Demo) -> None:
     assert gio_names(listing) == DEMO_ARTIFACTS, listing
     versions = gio(demo, "list", "-a", "*", str(artifact))
     names = gio_names(versions)
-    assert "current" in names and len(names) == 4, versions
+    assert {"current", "history"} <= set(names) and len(names) == 5, versions
     assert "standard::symlink-target=" in versions
     gio(demo, "info", "-f", "-a", "*", str(demo.mount.path))  # filesystem::* (statfs)
     after_first = demo.assert_no_download("gio list")

@@ -22,9 +22,10 @@ import trio
 from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
 from vm0fs.errors import ArchiveError, NotFound, Unauthorized, Unavailable
-from vm0fs.fs import CONTENT_TIMEOUT, Operations, folder_names, safe_name
+from vm0fs.fs import CONTENT_TIMEOUT, Operations
 from vm0fs.integrity import BLOCK
 from vm0fs.meta import Listings
+from vm0fs.namespace import counted_back, folder_names, history_names, safe_name, time_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import VersionStore
 
@@ -264,11 +265,12 @@ def test_listing_layout_without_downloads(tmp_path: Path) -> None:
     async def test(h: Harness) -> None:
         assert set(await h.listdir("artifacts")) == {"run", "empty"}
         entries = await h.listdir("artifacts/run")
-        assert set(entries) == {*ids, "current"}
+        assert set(entries) == {*ids, "current", "history"}
         assert stat.S_ISLNK(entries["current"].st_mode)
         current = await h.lookup("artifacts/run/current")
         assert os.fsdecode(await h.ops.readlink(current.st_ino)) == ids[0]
-        assert await h.listdir("artifacts/empty") == {}
+        assert set(await h.listdir("artifacts/empty")) == {"history"}
+        assert await h.listdir("artifacts/empty/history") == {}
         vdir = await h.lookup(f"artifacts/run/{ids[1]}")
         assert stat.S_ISDIR(vdir.st_mode)
         assert vdir.st_mtime_ns == int(1e9 * 1e9)
@@ -688,6 +690,7 @@ def test_changed_listings_get_a_new_mtime_and_are_invalidated(tmp_path: Path) ->
     async def test(h: Harness) -> None:
         top = await h.resolve("artifacts")
         folder = await h.resolve("artifacts/run")
+        history = await h.resolve("artifacts/run/history")
         await h.listdir("artifacts")
         await h.listdir("artifacts/run")
         same = await h.ops.getattr(top.st_ino)
@@ -701,7 +704,7 @@ def test_changed_listings_get_a_new_mtime_and_are_invalidated(tmp_path: Path) ->
         assert (await h.ops.getattr(folder.st_ino)).st_mtime_ns > before
         assert "new" in await h.listdir("artifacts")
         assert "f" * 64 in await h.listdir("artifacts/run")
-        expected = {top.st_ino, folder.st_ino} if h.ops.stateless else set()
+        expected = {top.st_ino, folder.st_ino, history.st_ino} if h.ops.stateless else set()
         assert h.ops._stale_listings == expected
 
     run(tmp_path, client, test, ttl=0)
@@ -1004,3 +1007,137 @@ def test_listed_attributes_are_those_getattr_gives(tmp_path: Path) -> None:
         assert seen == 6
 
     run(tmp_path, client, test)
+
+
+# --- history/ and current~N ----------------------------------------------------------------------
+
+T0 = 1_704_207_845.0  # 2024-01-02T15:04:05Z
+
+
+def timed(client: FakeClient, aid: str, name: str, times: list[float],
+          current: int = -1) -> list[str]:
+    """An artifact whose versions were created at `times` (oldest first); `current` indexes
+    `times`. Returns the ids, oldest first."""
+    ids = [f"{i:02x}{aid}".ljust(64, "e")[:64] for i in range(len(times))]
+    versions = [version(vid, aid, created=t) for vid, t in zip(ids, times, strict=True)]
+    client.versions[aid] = versions[::-1]  # the API lists newest first
+    current_version = versions[current] if versions else None
+    client.artifacts.append(Artifact(aid, name, current_version and current_version.id, 0, 1,
+                                     T0, T0 + 100, current_version))
+    return ids
+
+
+def test_history_names_are_times_without_colons_and_same_second_versions_get_an_id() -> None:
+    a, b, c = (version(vid * 64, "x", created=t)
+               for vid, t in (("a", T0), ("b", T0 + 0.4), ("c", T0 + 61)))
+    assert time_name(T0) == "2024-01-02T15-04-05Z"
+    assert list(history_names([c, a])) == ["2024-01-02T15-04-05Z", "2024-01-02T15-05-06Z"]
+    names = history_names([c, b, a])  # a and b share a second: both get their id's start
+    assert names == {"2024-01-02T15-04-05Z-aaaaaaaa": a, "2024-01-02T15-04-05Z-bbbbbbbb": b,
+                     "2024-01-02T15-05-06Z": c}
+    twin = version("a" * 8 + "f" * 56, "x", created=T0)  # the same first 8 hex: the whole id
+    assert set(history_names([a, twin])) == {f"2024-01-02T15-04-05Z-{a.id}",
+                                             f"2024-01-02T15-04-05Z-{twin.id}"}
+    assert history_names([]) == {}
+
+
+def test_history_lists_links_to_the_versions_without_a_download_or_request(
+        tmp_path: Path) -> None:
+    client = FakeClient()
+    ids = timed(client, "a1", "run", [T0, T0 + 3600, T0 + 3600.5])
+    client.archives.update({vid: SIMPLE for vid in ids})
+
+    async def test(h: Harness) -> None:
+        await h.listdir("artifacts/run")
+        calls = h.client.list_calls
+        history = await h.listdir("artifacts/run/history")
+        assert list(history) == ["2024-01-02T15-04-05Z", f"2024-01-02T16-04-05Z-{ids[1][:8]}",
+                                 f"2024-01-02T16-04-05Z-{ids[2][:8]}"]
+        for (name, attrs), vid in zip(history.items(), ids, strict=True):
+            assert stat.S_ISLNK(attrs.st_mode) and attrs.entry_timeout == TTL
+            assert os.fsdecode(await h.ops.readlink(attrs.st_ino)) == f"../{vid}"
+            folder = await h.resolve(f"artifacts/run/history/{name}")  # cd history/<time>
+            assert folder.st_ino == (await h.lookup(f"artifacts/run/{vid}")).st_ino
+            assert stat.S_ISDIR(folder.st_mode)
+        assert (await h.lookup("artifacts/run/history")).st_ino == (
+            await h.ops.getattr((await h.lookup("artifacts/run/history")).st_ino)).st_ino
+        assert h.client.list_calls == calls and h.client.downloads == 0
+        assert (await h.ops.lookup((await h.lookup("artifacts/run/history")).st_ino,
+                                   b"2024-01-02T16-04-05Z")).st_ino == 0
+        assert await h.read(f"artifacts/run/history/{list(history)[0]}/README.md") == b"# hi\n"
+
+    run(tmp_path, client, test)
+
+
+def test_current_counted_back(tmp_path: Path) -> None:
+    client = FakeClient()
+    ids = timed(client, "a1", "run", [T0, T0 + 10, T0 + 20, T0 + 30], current=2)
+    timed(client, "a2", "empty", [])
+
+    async def target(h: Harness, path: str) -> str:
+        return os.fsdecode(await h.ops.readlink((await h.lookup(path)).st_ino))
+
+    async def test(h: Harness) -> None:
+        assert await target(h, "artifacts/run/current") == ids[2]
+        assert await target(h, "artifacts/run/current~0") == ids[2]
+        assert await target(h, "artifacts/run/current~1") == ids[1]
+        assert await target(h, "artifacts/run/current~2") == ids[0]
+        for missing in ("current~3", "current~99", "current~01", "current~", "current~-1"):
+            with pytest.raises(FileNotFoundError):
+                await h.lookup(f"artifacts/run/{missing}")
+        with pytest.raises(FileNotFoundError):
+            await h.lookup("artifacts/empty/current~0")
+        listed = await h.listdir("artifacts/run")
+        assert not any(name.startswith("current~") for name in listed)  # looked up only
+        assert (await h.resolve("artifacts/run/current~1")).st_ino == (
+            await h.lookup(f"artifacts/run/{ids[1]}")).st_ino
+        assert h.client.downloads == 0
+
+    run(tmp_path, client, test)
+
+
+def test_a_moved_current_and_a_new_version_show_after_the_ttl(tmp_path: Path) -> None:
+    client = FakeClient()
+    ids = timed(client, "a1", "run", [T0, T0 + 10])
+
+    async def target(h: Harness, path: str) -> str:
+        return os.fsdecode(await h.ops.readlink((await h.lookup(path)).st_ino))
+
+    async def test(h: Harness) -> None:
+        history = await h.lookup("artifacts/run/history")
+        before = await h.listdir("artifacts/run/history")
+        assert len(before) == 2
+        one_back = await h.lookup("artifacts/run/current~1")
+        assert await target(h, "artifacts/run/current~1") == ids[0]
+        # A new version, made current.
+        new = version("f" * 64, "a1", created=T0 + 20)
+        client.versions["a1"].insert(0, new)
+        client.artifacts[0] = Artifact("a1", "run", new.id, 0, 1, T0, T0 + 200, new)
+        mtime = history.st_mtime_ns
+        assert (await h.ops.getattr(history.st_ino)).st_mtime_ns > mtime  # the kernel's copy goes
+        after = await h.listdir("artifacts/run/history")
+        assert set(after) == {*before, "2024-01-02T15-04-25Z"}
+        assert all(after[name].st_ino == before[name].st_ino for name in before)  # same links
+        assert await target(h, "artifacts/run/current") == new.id
+        assert await target(h, "artifacts/run/current~1") == ids[1]
+        assert await target(h, "artifacts/run/current~2") == ids[0]
+        assert (await h.lookup("artifacts/run/current~1")).st_ino == one_back.st_ino
+        if h.ops.stateless:
+            assert history.st_ino in h.ops._stale_listings
+        # current moves back to the oldest: nothing before it.
+        client.artifacts[0] = Artifact("a1", "run", ids[0], 0, 1, T0, T0 + 300,
+                                       client.versions["a1"][-1])
+        assert await target(h, "artifacts/run/current~0") == ids[0]
+        with pytest.raises(FileNotFoundError):
+            await h.lookup("artifacts/run/current~1")
+        assert h.client.downloads == 0
+
+    run(tmp_path, client, test, ttl=0)
+
+
+def test_counted_back_is_in_creation_order_whatever_the_listing_order() -> None:
+    vs = [version(c * 64, "x", created=t) for c, t in (("c", 3.0), ("a", 1.0), ("b", 1.0))]
+    assert counted_back(vs, "c" * 64, 1).id == "b" * 64  # same time: in the order of ids
+    assert counted_back(vs, "c" * 64, 2).id == "a" * 64
+    assert counted_back(vs, "c" * 64, 3) is None
+    assert counted_back(vs, None, 0) is None

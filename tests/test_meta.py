@@ -410,3 +410,52 @@ def test_refreshes_run_side_by_side_but_the_pages_of_a_walk_in_order() -> None:
         assert 1 < in_flight[1] <= 3
 
     run(test)
+
+
+class TimedWalk(SlowClient):
+    """A walk of two pages; the clock moves on by `page_time` for each page read."""
+
+    def __init__(self, now: list[float], page_time: float) -> None:
+        super().__init__()
+        self.now, self.page_time = now, page_time
+
+    async def artifacts_page(self, cursor: str | None = None) -> Page[Artifact]:
+        self.now[0] += self.page_time
+        return Page([artifact("a")], "a")
+
+    async def list_artifacts(self, first: Page[Artifact] | None = None,
+                             on_more: Callable[[], None] | None = None) -> list[Artifact]:
+        self.calls += 1
+        if first is None:
+            self.now[0] += self.page_time  # page 1
+        if on_more is not None:
+            on_more()
+        self.now[0] += self.page_time  # page 2
+        return list(self.artifacts)
+
+
+@pytest.mark.parametrize("probed", [False, True])
+def test_a_listings_age_counts_from_its_first_request(probed: bool) -> None:
+    """A walk that read its first page at t=0 and ended at t=20 is stale at TTL = 30, not at
+    50: a change made on the server after page 1 shows within the TTL plus one walk."""
+    now = [0.0]
+    client = TimedWalk(now, page_time=10.0)
+    listings = Listings(client, ttl=30, clock=lambda: now[0])
+
+    async def test() -> None:
+        if probed:  # the mount's start-up check read page 1; the walk goes on from it
+            await listings.probe()
+            async with trio.open_nursery() as nursery:
+                listings.start(nursery)
+            listings.nursery = None  # from here on, refreshes run in the caller
+        await listings.artifacts()
+        assert now[0] == 20.0 and client.calls == 1
+        now[0] = 29.0
+        await listings.artifacts()
+        assert client.calls == 1  # fresh: 29 s after the walk's first request
+        now[0] = 31.0
+        client.artifacts.append(artifact("b"))
+        assert [a.id for a in await listings.artifacts()] == ["a", "b"]
+        assert client.calls == 2
+
+    run(test)

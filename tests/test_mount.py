@@ -289,7 +289,7 @@ def test_hostile_archive_stays_inside(world: World) -> None:
     assert "artifacts" in (top := world.mount.run(os.listdir, world.mount.path))
     assert not {"escape", "b", "dotdot2", "abs", "passwd", "etc"} & set(top)
     assert sorted(world.mount.run(os.listdir, world.art_dir("hostile"))) == sorted(
-        ["current", world.arts["hostile"].current_id])
+        ["current", "history", world.arts["hostile"].current_id])
     for outside in ("escape", "b", "dotdot2", "abs"):
         assert_errno(errno.ENOENT, world.mount.run, os.lstat, world.mount.artifacts / outside)
         assert_errno(errno.ENOENT, world.mount.run, os.lstat, world.art_dir("hostile") / outside)
@@ -386,8 +386,8 @@ def test_many_versions_current_and_prefixes(world: World) -> None:
     folder = world.art_dir("many-versions")
     m = world.mount
     listed = m.run(os.listdir, folder)
-    assert len(listed) == len(set(listed)) == N_VERSIONS + 1
-    assert sorted(listed) == sorted([*map(art.id_of, art.versions), "current"])
+    assert len(listed) == len(set(listed)) == N_VERSIONS + 2
+    assert sorted(listed) == sorted([*map(art.id_of, art.versions), "current", "history"])
     assert m.run(os.readlink, folder / "current") == art.current_id
     assert art.current_id != art.id_of(f"v{N_VERSIONS - 1:03d}.tar.gz")
     assert m.run(os.listdir, folder / "current") == [f"file-{10_003}.txt"]
@@ -424,8 +424,8 @@ def test_duplicate_and_odd_names(world: World) -> None:
         name = f"twin@00000000-0000-4000-8000-00000000000{suffix}"
         assert name in listed
         art = world.arts[folder]
-        assert m.run(os.listdir, m.artifacts / name) in (
-            ["current", art.current_id], [art.current_id, "current"])
+        assert sorted(m.run(os.listdir, m.artifacts / name)) == sorted(
+            ["current", "history", art.current_id])
         inner = m.run(os.listdir, m.artifacts / name / "current")
         assert inner == [f"file-{1 if suffix == 'a' else 2}.txt"]
     assert "twin" not in listed
@@ -437,7 +437,8 @@ def test_duplicate_and_odd_names(world: World) -> None:
 
 def test_artifact_without_versions_has_no_current(world: World) -> None:
     folder = world.art_dir("no-versions")
-    assert world.mount.run(os.listdir, folder) == []
+    assert world.mount.run(os.listdir, folder) == ["history"]
+    assert world.mount.run(os.listdir, folder / "history") == []
     assert_errno(errno.ENOENT, world.mount.run, os.lstat, folder / "current")
 
 
@@ -642,7 +643,8 @@ def test_metadata_ttl_new_version_and_current(dev_server: Callable[..., DevServe
     slow = mount_vm0fs(srv, "--metadata-ttl", "3600")
     v1 = art.id_of("v1.tar.gz")
     for m in (quick, slow):
-        assert sorted(m.run(os.listdir, m.artifacts / "live")) == sorted(["current", v1])
+        assert sorted(m.run(os.listdir, m.artifacts / "live")) == sorted(
+            ["current", "history", v1])
         assert m.run(os.readlink, m.artifacts / "live" / "current") == v1
         assert sorted(m.run(os.listdir, m.artifacts)) == ["doomed", "live"]
 
@@ -665,7 +667,8 @@ def test_metadata_ttl_new_version_and_current(dev_server: Callable[..., DevServe
     assert_errno(errno.ENOENT, quick.run, os.lstat, quick.artifacts / "doomed")
     assert int(quick.run(os.lstat, live).st_mtime) == int(EPOCH + 100)
     # The mount with a long TTL still shows what it listed first.
-    assert sorted(slow.run(os.listdir, slow.artifacts / "live")) == sorted(["current", v1])
+    assert sorted(slow.run(os.listdir, slow.artifacts / "live")) == sorted(
+        ["current", "history", v1])
     assert slow.run(os.readlink, slow.artifacts / "live" / "current") == v1
     assert sorted(slow.run(os.listdir, slow.artifacts)) == ["doomed", "live"]
 
@@ -790,7 +793,7 @@ def test_camel_case_api_and_a_broken_transfer(dev_server: Callable[..., DevServe
     srv = dev_server(data_dir, "--camel-case")
     m = mount_vm0fs(srv)
     folder = m.artifacts / "camel"
-    assert sorted(m.run(os.listdir, folder)) == sorted(["current", art.current_id])
+    assert sorted(m.run(os.listdir, folder)) == sorted(["current", "history", art.current_id])
     assert int(m.run(os.lstat, folder / art.current_id).st_mtime) == int(EPOCH)
     srv.set_faults(truncate_blob=1)
     data = m.run((folder / "current" / "big.bin").read_bytes)

@@ -298,7 +298,7 @@ def test_api_faults_listings_and_reads_stay_correct(dev_server: Server,
         time.sleep(1.2)
     for name, data in cases.items():
         folder = m.artifacts / name
-        assert sorted(m.run(os.listdir, folder)) == sorted(["current", ids[name]])
+        assert sorted(m.run(os.listdir, folder)) == sorted(["current", "history", ids[name]])
         assert_like_tar(m, folder / ids[name], data, tmp_path / f"tar-{name}")
         assert m.run(os.readlink, folder / "current") == ids[name]
     requests = srv.stats()["requests"]
@@ -411,7 +411,8 @@ def test_api_unreachable_then_back(dev_server: Server, mount_vm0fs: MountFactory
     assert sorted(m1.run(os.listdir, m1.artifacts)) == ["a", "b", "c"]
     a_listing = sorted(m1.run(os.listdir, m1.artifacts / "a"))
     b_listing = sorted(m1.run(os.listdir, m1.artifacts / "b"))
-    assert a_listing == sorted(["current", a]) and b_listing == sorted(["current", b])
+    assert a_listing == sorted(["current", "history", a])
+    assert b_listing == sorted(["current", "history", b])
     a_tree = m1.run(snapshot, m1.artifacts / "a" / a)
     assert_like_tar(m1, m1.artifacts / "a" / a, a_data, tmp_path / "tar-a")
 
@@ -495,7 +496,7 @@ def test_revoked_key_is_eacces_with_one_log_line(dev_server: Server, mount_vm0fs
     srv = dev_server(tmp_path / "data")
     m = mount_vm0fs(srv, "--metadata-ttl", "1")
     assert m.run(os.listdir, m.artifacts) == ["art"]
-    assert sorted(m.run(os.listdir, m.artifacts / "art")) == sorted(["current", version])
+    assert sorted(m.run(os.listdir, m.artifacts / "art")) == sorted(["current", "history", version])
     before = len(m.log())
     srv.set_faults(reject_all=True)
     time.sleep(1.5)  # past the TTL
@@ -601,7 +602,8 @@ def test_hostile_archive_beyond_the_basics(dev_server: Server, mount_vm0fs: Moun
     assert m.run(read_file, os.path.join(broot, b"\xff\xfe")) == b"two bytes that are not UTF-8\n"
 
     # Nothing landed outside the version: not in the mount, not on the disk.
-    assert sorted(m.run(os.listdir, m.artifacts / "hostile")) == sorted(["current", version])
+    assert sorted(m.run(os.listdir, m.artifacts / "hostile")) == sorted(
+        ["current", "history", version])
     assert sorted(m.run(os.listdir, m.artifacts)) == ["good", "hostile"]
     for outside in (tmp_path, tmp_path.parent, Path("/tmp"), m.cache_dir, m.path.parent):
         leaked = [n for n in os.listdir(outside) if n in (
@@ -641,7 +643,7 @@ def test_broken_versions_are_eio_alone_and_leave_nothing(dev_server: Server,
     srv = dev_server(tmp_path / "data")
     m = mount_vm0fs(srv)
     folder = m.artifacts / "mixed"
-    assert sorted(m.run(os.listdir, folder)) == sorted(["current", *ids])
+    assert sorted(m.run(os.listdir, folder)) == sorted(["current", "history", *ids])
     good_id, multi_id, broken_ids = ids[0], ids[1], dict(zip(broken, ids[2:], strict=True))
 
     def attempt(version: str) -> int | None:
@@ -1343,7 +1345,7 @@ def test_soak_random_access_under_faults(dev_server: Server, mount_vm0fs: MountF
         elif op == "top":
             check(sorted(os.listdir(m.artifacts)) == sorted(arts), "readdir artifacts")
         elif op == "artifact":
-            check(set(os.listdir(m.artifacts / art)) == {"current", *arts[art]},
+            check(set(os.listdir(m.artifacts / art)) == {"current", "history", *arts[art]},
                   f"readdir {art}")
         else:
             name = rng.choice(sorted(exp.links))

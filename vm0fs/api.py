@@ -35,7 +35,7 @@ import xxhash
 from vm0fs import __version__
 from vm0fs.errors import ApiError, NotFound, Unauthorized, Unavailable
 
-log = logging.getLogger("vm0fs.api")
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.vm0.ai"
 PAGE_LIMIT = 100  # the service's maximum page size

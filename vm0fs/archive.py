@@ -42,7 +42,7 @@ from typing import Any
 from vm0fs.errors import ArchiveError, ArchiveTooLarge
 from vm0fs.integrity import BLOCK_SHIFT, BlockSums, blocks_in
 
-log = logging.getLogger("vm0fs.archive")
+log = logging.getLogger(__name__)
 
 # Inflaters by name, with the same interface and the same bytes out: ISA-L's (python-isal)
 # inflates the log archives of the bench about 2.7 times as fast as zlib does here (1,155 against

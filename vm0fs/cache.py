@@ -48,7 +48,7 @@ from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder, TreeIndex
 from vm0fs.units import human
 
-log = logging.getLogger("vm0fs.cache")
+log = logging.getLogger(__name__)
 
 DATA, INDEX, IN_USE = "data.tar", "index.bin", "in-use.lock"
 OLD_INDEX = "index.json"  # what vm0fs wrote before the binary index

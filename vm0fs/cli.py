@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import re
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from vm0fs import __version__
 
+if TYPE_CHECKING:
+    from vm0fs.mountpoint import MountConfig
+
 DEFAULT_API_URL = "https://api.vm0.ai"
-READY_TIMEOUT = 60.0  # seconds the background mount may take to answer
-# How vm0fs runs itself. -P: not with the current folder first on sys.path, where a folder
-# named `vm0fs` (a clone, say) would be imported instead of vm0fs.
-SELF = [sys.executable, "-P", "-m", "vm0fs.cli"]
 
 MOUNT_EXAMPLES = """examples:
   export VM0_API_KEY=vm0_live_...
@@ -225,43 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool, log_file: Path | None) -> None:
-    if log_file is not None:  # owner-only: logs name artifacts and paths
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # httpx logs whole URLs, and presigned URLs are credentials.
-    for noisy in ("httpx", "httpcore", "trio", "pyfuse3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def fail(message: str) -> int:
     print(f"vm0fs: {message}", file=sys.stderr)
     return 1
 
 
 def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
-    # Only the process that serves the mount loads pyfuse3, trio and httpx: the one that
-    # starts it returns sooner without them.
+    # Only the process that serves the mount loads pyfuse3, trio and httpx (launch.py): the
+    # one that starts it returns sooner without them.
+    from vm0fs import launch
     from vm0fs.mountpoint import MountConfig, MountError, check_mountpoint
 
-    started_by_mount = args.ready_fd is not None  # by a background `vm0fs mount`
-    if started_by_mount:  # its log file has every line from the start
-        setup_logging(args.debug, args.log_file)
-    key = _read_key(args.key_fd) if args.key_fd is not None else os.environ.get("VM0_API_KEY")
+    handshake = launch.Handshake(args.ready_fd)  # set: a background `vm0fs mount` waits
+    if handshake.waiting:  # its log file has every line from the start
+        launch.setup_logging(args.debug, args.log_file)
+
+    def report(error: str | None) -> int:
+        """How the start went, to the waiting parent if there is one, else to the user."""
+        if handshake.tell(error) or error is None:
+            return 0 if error is None else 1
+        return fail(error)
+
+    key = launch.read_key(args.key_fd) if args.key_fd is not None else os.environ.get(
+        "VM0_API_KEY")
     if not key:
-        return _report(args, "no API key: set VM0_API_KEY")
+        return report("no API key: set VM0_API_KEY")
     api_url = (args.api_url or os.environ.get("VM0_API_URL") or DEFAULT_API_URL).rstrip("/")
     problem = check_api_url(api_url)
     if problem:
-        return _report(args, problem)
+        return report(problem)
     if args.foreground and args.key_fd is None:
-        _reexec_without_key(key, argv)  # does not return
+        launch.reexec_without_key(key, argv)  # does not return
     config = MountConfig(
         mountpoint=args.mountpoint.expanduser().absolute(),
         api_url=api_url,
@@ -281,140 +270,30 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
             check_mountpoint(config.mountpoint)
         except MountError as exc:
             return fail(str(exc))
-        return _mount_in_background(args, config)
-
-    import trio
-
-    from vm0fs.errors import Vm0fsError
-    from vm0fs.mount import serve
-
-    if not started_by_mount:
-        setup_logging(args.debug, args.log_file)
-
-    def ready() -> None:
-        _report(args, None)
-
-    try:
-        trio.run(serve, config, ready)
-    except KeyboardInterrupt:
-        return 0
-    except Vm0fsError as exc:
-        logging.getLogger("vm0fs").debug("mount failed", exc_info=True)
-        return _report(args, str(exc))
-    except Exception as exc:  # noqa: BLE001 - the waiting parent must hear why, in one line
-        logging.getLogger("vm0fs").exception("mount failed")
-        return _report(args, f"unexpected {type(exc).__name__}: {exc} (the log has the details)")
-    return 0
+        log_file = (args.log_file or config.cache_dir / "vm0fs.log").expanduser().absolute()
+        error = launch.start_in_background(config, log_file, background_flags(args, config))
+        return 0 if error is None else fail(error)
+    if not handshake.waiting:
+        launch.setup_logging(args.debug, args.log_file)
+    return report(launch.serve_in_foreground(config, handshake))
 
 
-def _key_pipe(key: str) -> int:
-    """A pipe that holds the key, for a process we start: its read end."""
-    read_end, write_end = os.pipe()
-    os.write(write_end, key.encode() + b"\n")  # a key is far smaller than a pipe's buffer
-    os.close(write_end)
-    return read_end
-
-
-def _read_key(fd: int) -> str:
-    with os.fdopen(fd, "rb") as pipe:
-        return pipe.read().decode().strip()
-
-
-def _reexec_without_key(key: str, argv: list[str]) -> None:
-    """Become the same mount (same pid) with the key in a pipe instead of the environment:
-    /proc/PID/environ, and so `ps e`, keep a process's starting environment for good."""
-    fd = _key_pipe(key)
-    os.set_inheritable(fd, True)
-    env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
-    os.execve(sys.executable, [*SELF, *argv, "--key-fd", str(fd)], env)
-
-
-def _report(args: argparse.Namespace, error: str | None) -> int:
-    """Tell the waiting parent (background mode) or the user how the start went."""
-    if args.ready_fd is not None:
-        try:
-            os.write(args.ready_fd, b"ready\n" if error is None else f"error {error}\n".encode())
-            os.close(args.ready_fd)
-        except OSError:
-            pass
-        args.ready_fd = None
-        if error is not None:  # the parent tells the user; the log gets it with a timestamp
-            logging.getLogger("vm0fs.mount").error("%s", error)
-            return 1
-    if error is None:
-        return 0
-    return fail(error)
-
-
-def _mount_in_background(args: argparse.Namespace, config: object) -> int:
-    """Start `vm0fs mount --foreground` detached and wait until it answers or fails."""
-    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
-    log_file = (args.log_file or cache_dir / "vm0fs.log").expanduser().absolute()
-    from vm0fs.cache import Cache
-    from vm0fs.errors import CacheError
-
-    try:
-        Cache(cache_dir)  # made, or proved ours, before its log file goes in
-    except CacheError as exc:
-        return fail(str(exc))
-    try:
-        log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
-    except OSError as exc:
-        return fail(f"cannot write the log file {log_file}: {exc.strerror}")
-    read_end, write_end = os.pipe()
-    key_fd = _key_pipe(config.api_key)  # type: ignore[attr-defined]
-    argv = [*SELF, "mount", str(args.mountpoint.expanduser().absolute()),
-            "--foreground", "--key-fd", str(key_fd), "--ready-fd", str(write_end),
-            "--log-file", str(log_file), "--metadata-ttl", str(args.metadata_ttl),
-            "--cache-dir", str(cache_dir)]
+def background_flags(args: argparse.Namespace, config: MountConfig) -> list[str]:
+    """The options of `vm0fs mount` again, for the process that serves it."""
+    flags = ["--metadata-ttl", str(args.metadata_ttl), "--cache-dir", str(config.cache_dir)]
     if args.api_url:
-        argv += ["--api-url", args.api_url]
+        flags += ["--api-url", args.api_url]
     for flag, value in (("--cache-size", args.cache_size),
                         ("--cache-grace", args.cache_grace),
                         ("--max-version-size", args.max_version_size)):
         if value is not None:
-            argv += [flag, str(value)]
-    argv += ["--allow-other"] if args.allow_other else []
-    argv += ["--xattrs"] if args.xattrs else []
-    argv += ["--debug"] if args.debug else []
+            flags += [flag, str(value)]
+    flags += ["--allow-other"] if args.allow_other else []
+    flags += ["--xattrs"] if args.xattrs else []
+    flags += ["--debug"] if args.debug else []
     for option in args.options:
-        argv += ["-o", option]
-    # The key goes through a pipe, not the environment or argv: `ps e` would show those.
-    env = {k: v for k, v in os.environ.items() if k != "VM0_API_KEY"}
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                             pass_fds=(write_end, key_fd), start_new_session=True, cwd="/")
-    os.close(write_end)
-    os.close(key_fd)
-    log.close()
-    message = _wait_ready(read_end, child)
-    if message == "ready":
-        return 0
-    if message.startswith("error "):
-        return fail(message.removeprefix("error "))
-    return fail(f"the mount process ended without mounting ({message}); see {log_file}")
-
-
-def _wait_ready(fd: int, child: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    data = b""
-    try:
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([fd], [], [], 0.5)
-            if readable:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                data += chunk
-                if b"\n" in data:
-                    return data.split(b"\n", 1)[0].decode(errors="replace")
-            elif child.poll() is not None:
-                break
-        else:
-            return "it did not answer within a minute"
-    finally:
-        os.close(fd)
-    status = child.wait(timeout=5) if child.poll() is None else child.returncode
-    return f"exit status {status}"
+        flags += ["-o", option]
+    return flags
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:

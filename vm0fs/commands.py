@@ -33,9 +33,9 @@ from vm0fs.cache import Cache
 from vm0fs.control import CONTROL_DIR, status_text
 from vm0fs.errors import Unavailable, Vm0fsError
 from vm0fs.fetch import Fetch
-from vm0fs.fs import HEX_PREFIX, folder_names
 from vm0fs.meta import Listings, listing_namespace
 from vm0fs.mounttable import MountEntry, mounts, user_name, vm0fs_mount_of
+from vm0fs.namespace import COUNTED_BACK, HEX_PREFIX, HISTORY, counted_back, folder_names
 from vm0fs.units import human
 
 err = Console(stderr=True, highlight=False)
@@ -73,11 +73,13 @@ def locate(path: Path) -> MountPath:
     where = MountPath(mountpoint)
     if len(parts) >= 2 and parts[0] == "artifacts":
         where.artifact = parts[1]
-    if len(parts) >= 3 and where.artifact:
-        # `current` and id prefixes are symlinks: the real folder is named by the full id.
-        link = mountpoint / "artifacts" / parts[1] / parts[2]
+    if len(parts) >= 3 and where.artifact and parts[2:] != (HISTORY,):
+        link_at = 3 if parts[2] == HISTORY else 2  # in history/, the link is one level down
+        # `current`, `current~N`, id prefixes and history/ entries are symlinks: the real
+        # folder is named by the full id.
+        link = mountpoint.joinpath("artifacts", *parts[1:link_at + 1])
         where.version = os.path.basename(os.path.realpath(link))
-        where.rest = "/".join(parts[3:])
+        where.rest = "/".join(parts[link_at + 1:])
     return where
 
 
@@ -174,8 +176,12 @@ def artifact_data(where: MountPath) -> Any:
 def no_version(wanted: str, artifact: str) -> CommandError:
     if wanted == "current":
         return CommandError(f"{artifact!r} has no versions")
+    if COUNTED_BACK.fullmatch(wanted):
+        return CommandError(f"no version {wanted!r} of {artifact!r}: fewer versions than that "
+                            "came before its current one")
     hint = "" if HEX_PREFIX.fullmatch(wanted) else (
-        " (a version is `current`, a full id, or a prefix of 8 or more hex characters)")
+        " (a version is `current`, `current~N`, a full id, or a prefix of 8 or more hex "
+        "characters)")
     return CommandError(f"no version {wanted!r} of {artifact!r}{hint}")
 
 
@@ -435,6 +441,14 @@ async def _resolve(listings: Listings, names: dict[str, Artifact], target: str
         wanted = artifact.current_version_id or ""
         if not wanted:
             raise no_version("current", name)
+    counted = COUNTED_BACK.fullmatch(wanted)
+    if counted:  # current~N: the Nth before the current one, in creation order
+        known = [*versions, *([artifact.current_version] if artifact.current_version else [])]
+        found = counted_back({v.id: v for v in known}.values(), artifact.current_version_id,
+                             int(counted[1]))
+        if found is None:
+            raise no_version(asked, name)
+        return artifact, found
     matches = [v for v in versions if v.id == wanted] or (
         [v for v in versions if v.id.startswith(wanted)] if HEX_PREFIX.fullmatch(wanted) else [])
     if len(matches) != 1 and artifact.current_version and artifact.current_version.id == wanted:

@@ -24,7 +24,7 @@ from vm0fs.integrity import BlockSums
 from vm0fs.tree import TreeBuilder
 from vm0fs.units import human
 
-log = logging.getLogger("vm0fs.fetch")
+log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 512  # members added between two wake-ups of the event loop
 PIPELINE_CHUNKS = 16  # downloaded chunks (of up to 256 KiB) queued for the inflating thread

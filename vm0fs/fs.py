@@ -1,12 +1,10 @@
-"""The `pyfuse3.Operations` of vm0fs: the only place that raises `FUSEError`.
+"""The FUSE boundary: the `pyfuse3.Operations` of vm0fs, the only place that raises `FUSEError`.
 
-    /                               root
-    /artifacts/                     one folder per artifact (listing)
-    /artifacts/<name>/              one folder per version (listing), `current` symlink,
-                                    and any unique id prefix of 8+ hex characters as a symlink
-    /artifacts/<name>/<version>/... the archive's contents (downloaded on first look inside)
-
-Every handler maps every failure to an errno: an exception that escaped would kill the mount.
+It owns the errno of every failure (an exception that escaped would kill the mount), the
+attributes and timeouts the kernel is given, the read path (lookups, listings and reads inside
+a version, served from `versions`), open handles, and telling the kernel to drop the listings
+that changed. What the folders above the versions hold is `namespace`'s; `.vm0fs/` is
+`control`'s.
 
 Two ways to serve opens:
 - stateless (the default when the running pyfuse3 has `NO_OPEN_SUPPORT`, see patches/): `open`
@@ -25,9 +23,7 @@ import functools
 import logging
 import os
 import re
-import stat
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -35,18 +31,17 @@ import cachetools
 import pyfuse3
 import trio
 
-from vm0fs.api import Artifact, Version
 from vm0fs.cache import Cache
-from vm0fs.control import (
-    CONTROL_DIR,
-    RecentErrors,
-    artifact_info,
-    iso,
-    status_text,
-    to_json,
-)
+from vm0fs.control import Control, Generated, RecentErrors, iso
 from vm0fs.errors import ApiError, Unauthorized, Vm0fsError, errno_for
-from vm0fs.meta import ARTIFACTS, Listings
+from vm0fs.meta import Listings
+from vm0fs.namespace import (
+    LISTING_FOLDERS,
+    ArtifactDir,
+    Namespace,
+    VersionDir,
+    ns,
+)
 from vm0fs.tree import (
     ROOT_ENTRY,
     VERSION_INODES,
@@ -60,11 +55,10 @@ from vm0fs.tree import (
 )
 from vm0fs.versions import VersionState, VersionStore
 
-log = logging.getLogger("vm0fs.fs")
+log = logging.getLogger(__name__)
 
 CONTENT_TIMEOUT = 24 * 3600.0  # version contents never change
 BLOCK_SIZE = 128 * 1024
-HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 READAHEAD_MIN, READAHEAD_MAX = 1 << 20, 64 << 20  # files this big: read ahead from their first read
 NO_OPENDIR_KERNEL = (5, 1)  # first Linux release that honours ENOSYS from OPENDIR (OPEN: 4.19)
 LISTING_SNAPSHOTS = 16  # folders whose readdir entries are kept between calls (stateless mode)
@@ -122,93 +116,6 @@ def fuse_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
     return wrapper
 
 
-def ns(timestamp: float) -> int:
-    return int(timestamp * 1e9)
-
-
-def safe_name(name: str) -> str:
-    """A file name for an artifact name: '/' and NUL cannot appear, '.' and '..' are taken.
-
-    Replacements follow rclone: '/' -> '／' (U+FF0F), NUL -> '␀' (U+2400), a name of only
-    dots -> the same number of '．' (U+FF0E).
-    """
-    name = name.replace("/", "\uff0f").replace("\0", "\u2400")
-    if name in (".", ".."):
-        name = "\uff0e" * len(name)
-    return name
-
-
-def folder_names(artifacts: list[Artifact]) -> dict[str, Artifact]:
-    """Folder name -> artifact. Names shared by several artifacts all become `name@<id>`."""
-    safe = [(safe_name(a.name), a) for a in artifacts]
-    counts = Counter(name for name, _ in safe)
-    names: dict[str, Artifact] = {}
-    for name, artifact in safe:
-        if counts[name] > 1 or not name or len(name.encode()) > 255:
-            name = f"{name}@{artifact.id}"
-        names[name] = artifact
-    return names
-
-
-class ArtifactsDir(Dir):
-    __slots__ = ("listing",)
-
-    def __init__(self, inode: int, parent: Dir) -> None:
-        super().__init__(inode, 0o555, parent=parent)
-        self.listing: list[Artifact] | None = None  # the listing `children` was built from
-
-
-class ArtifactDir(Dir):
-    __slots__ = ("artifact", "listing", "current", "aliases")
-
-    def __init__(self, inode: int, artifact: Artifact, parent: Dir) -> None:
-        super().__init__(inode, 0o555, ns(artifact.updated_at), parent)
-        self.artifact = artifact
-        self.listing: list[Version] | None = None
-        self.current: Link | None = None
-        self.aliases: dict[str, Link] = {}  # id prefixes looked up so far
-
-
-class VersionDir(Dir):
-    __slots__ = ("artifact_id", "version", "state")
-
-    def __init__(self, inode: int, artifact_id: str, version: Version, parent: Dir) -> None:
-        super().__init__(inode, 0o555, ns(version.created_at), parent)
-        self.artifact_id = artifact_id
-        self.version = version
-        self.state: VersionState | None = None
-
-
-class Generated(Node):
-    """A small file of the control folder whose content is made when it is looked at."""
-
-    __slots__ = ("render", "content")
-
-    def __init__(self, inode: int, render: Callable[[], Awaitable[bytes]]) -> None:
-        super().__init__(inode, stat.S_IFREG | 0o444)
-        self.render = render
-        self.content = b""
-
-    async def refresh(self) -> bytes:
-        content = await self.render()
-        if content != self.content or not self.mtime_ns:
-            self.content = content
-            self.size = len(content)
-            # A new mtime makes the kernel drop the pages it cached of the old content.
-            self.mtime_ns = max(time.time_ns(), self.mtime_ns + 1)
-        return self.content
-
-
-class InfoDir(Dir):
-    """`.vm0fs/info/`: looking up an artifact's folder name gives its metadata (not listed)."""
-
-    __slots__ = ("files",)
-
-    def __init__(self, inode: int, parent: Dir) -> None:
-        super().__init__(inode, 0o555, parent.mtime_ns, parent)
-        self.files: dict[str, Generated] = {}
-
-
 XATTR_PREFIX = "user.vm0."
 
 
@@ -223,10 +130,7 @@ class Operations(pyfuse3.Operations):
                  ) -> None:
         super().__init__()
         self.stateless = stateless_supported() if stateless is None else stateless
-        self.api_url = api_url
-        self.mountpoint = mountpoint
         self.xattrs = xattrs
-        self.recent_errors = recent_errors or RecentErrors()
         self.listings = listings
         self.store = store
         self.cache = cache
@@ -235,16 +139,14 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.table = store.table
         self.mounted_at = time.time()
-        self.root = Dir(pyfuse3.ROOT_INODE, 0o555, ns(self.mounted_at))
-        self.table.register(self.root)
-        self.artifacts_dir = ArtifactsDir(self.table.new_inode(), self.root)
-        self.artifacts_dir.mtime_ns = self.root.mtime_ns
-        self.root.children["artifacts"] = self.table.register(self.artifacts_dir)
-        self.root.children[CONTROL_DIR] = self._control_dir()
-        self._artifact_dirs: dict[str, ArtifactDir] = {}
-        self._gone: set[str] = set()  # names of artifacts/ found deleted since the last list
-        listings.on_change = self._listing_refreshed
-        self._version_dirs: dict[tuple[str, str], VersionDir] = {}
+        self.names = Namespace(listings, self.table, pyfuse3.ROOT_INODE, ns(self.mounted_at),
+                               self._listing_changed)
+        self.root = self.names.root
+        self.artifacts_dir = self.names.artifacts_dir
+        self.control = Control(self.table, self.names, store, cache, api_url=api_url,
+                               mountpoint=mountpoint, open_mode=self.open_mode,
+                               mounted_at=self.mounted_at,
+                               recent_errors=recent_errors or RecentErrors())
         self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
         # Stateless mode: readdir entries of recently listed folders, so that the calls of
@@ -253,7 +155,7 @@ class Operations(pyfuse3.Operations):
             cachetools.LRUCache(LISTING_SNAPSHOTS))
         self._stale_listings: set[int] = set()
         self._listings_changed = trio.Event()
-        store.bursts.name_of = self._folder_name
+        store.bursts.name_of = self.names.folder_name
 
     @property
     def open_mode(self) -> str:
@@ -275,84 +177,11 @@ class Operations(pyfuse3.Operations):
                 with contextlib.suppress(OSError):  # ENOENT: the kernel did not know it
                     await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
 
-    def _listing_changed(self, folder: Dir, mtime_ns: int) -> None:
-        """`folder` now has other entries: a later mtime, and the kernel's copy goes."""
-        folder.mtime_ns = max(mtime_ns, folder.mtime_ns + 1)
-        folder.attrs = None
+    def _listing_changed(self, folder: Dir) -> None:
+        """`folder` has other entries now (and a new mtime): the kernel's copy goes."""
         if self.stateless:
             self._stale_listings.add(folder.inode)
             self._listings_changed.set()
-
-    def _control_dir(self) -> Dir:
-        control = Dir(self.table.new_inode(), 0o555, self.root.mtime_ns, self.root)
-        self.table.register(control)
-
-        async def status_json() -> bytes:
-            return to_json(await self.status())
-
-        async def status() -> bytes:
-            return status_text(await self.status()).encode()
-
-        for name, render in (("status", status), ("status.json", status_json)):
-            control.children[name] = self.table.register(
-                Generated(self.table.new_inode(), render))
-        self.info_dir = InfoDir(self.table.new_inode(), control)
-        control.children["info"] = self.table.register(self.info_dir)
-        return control
-
-    def _folder_name(self, artifact_id: str) -> str:
-        for name, node in self.artifacts_dir.children.items():
-            if isinstance(node, ArtifactDir) and node.artifact.id == artifact_id:
-                return name
-        return artifact_id
-
-    async def status(self) -> dict[str, Any]:
-        """What `.vm0fs/status` says: where the mount gets its data and what it is doing."""
-        entries = await trio.to_thread.run_sync(self.cache.entries)
-        cap = await trio.to_thread.run_sync(self.cache.cap, sum(e[1] for e in entries))
-        names = {a.id: name for name, a in folder_names(self.artifacts_dir.listing or []).items()}
-        downloads = [
-            {"artifact": names.get(state.artifact_id, state.artifact_id),
-             "artifact_id": state.artifact_id, "version_id": state.version_id,
-             "bytes_done": state.progress.durable, "bytes_total": state.expected_size,
-             "bytes_received": state.fetch.received}
-            for state in self.store.states.values() if state.fetch is not None
-        ]
-        return {
-            "api_url": self.api_url,
-            "mountpoint": self.mountpoint,
-            "mounted_since": iso(self.mounted_at),
-            "offline": self.listings.stale,
-            "open_mode": self.open_mode,
-            "cache": {"dir": str(self.cache.root), "bytes": sum(e[1] for e in entries),
-                      "cap": cap.bytes, "cap_reason": cap.reason, "versions": len(entries),
-                      "damaged_copies": self.store.repairs},
-            "downloads": downloads,
-            "downloads_total": self.store.downloads,
-            "memory": {**process_memory(), **self.store.memory()},
-            "listing_only_downloads": {"total": self.store.listing_only,
-                                       "queued": self.store.listing_queue,
-                                       "at_once": self.store.listing_slots},
-            "notice": self.store.bursts.notice,
-            "last_errors": list(self.recent_errors.records),
-        }
-
-    async def _info_file(self, name: str) -> Generated | None:
-        await self._refresh_artifacts()
-        folder = self.artifacts_dir.children.get(name)
-        if not isinstance(folder, ArtifactDir):
-            return None
-        node = self.info_dir.files.get(name)
-        if node is None:
-            async def render() -> bytes:
-                await self._refresh_versions(folder)
-                return to_json(artifact_info(name, folder.artifact, folder.listing or []))
-
-            node = Generated(self.table.new_inode(), render)
-            self.table.register(node)
-            self.info_dir.files[name] = node
-        await node.refresh()
-        return node
 
     # -- attributes --------------------------------------------------------------------
 
@@ -394,137 +223,7 @@ class Operations(pyfuse3.Operations):
         attrs.entry_timeout = timeout
         return attrs
 
-    # -- listings ----------------------------------------------------------------------
-
-    async def _refresh_artifacts(self) -> None:
-        """`artifacts/` from the artifact list (a walk of every page when it is stale)."""
-        self._show_artifacts(await self.listings.artifacts())
-
-    def _show_artifacts(self, listing: list[Artifact]) -> None:
-        folder = self.artifacts_dir
-        if listing is folder.listing:
-            return
-        shown = [a for a in map(self.listings.newest, listing) if a is not None]
-        children: dict[str, Node] = {}
-        for name, artifact in folder_names(shown).items():
-            node = self._artifact_dirs.get(artifact.id)
-            if node is None:
-                node = ArtifactDir(self.table.new_inode(), artifact, folder)
-                self._artifact_dirs[artifact.id] = node
-                self.table.register(node)
-            else:
-                self._update_artifact(node, artifact)
-            node.attrs = None
-            children[name] = node
-        if children != folder.children and folder.listing is not None:
-            self._listing_changed(folder, time.time_ns())
-        folder.children = children
-        folder.listing = listing
-        folder.attrs = None
-        self._gone.clear()
-
-    def _update_artifact(self, node: ArtifactDir, artifact: Artifact) -> None:
-        if node.artifact == artifact:
-            return
-        node.artifact = artifact
-        node.mtime_ns = max(ns(artifact.updated_at), node.mtime_ns)
-        node.attrs = None
-        if node.listing is not None:
-            self._show_versions(node, node.listing)  # `current` may have moved
-
-    def _drop_artifact(self, folder: ArtifactDir) -> None:
-        """The API says the artifact no longer exists: its folder leaves `artifacts/`."""
-        parent = self.artifacts_dir
-        names = [name for name, child in parent.children.items() if child is folder]
-        if names:
-            parent.children = {n: c for n, c in parent.children.items() if c is not folder}
-            self._listing_changed(parent, time.time_ns())
-            self._gone.update(names)  # a lookup of it again needs no walk to say so
-
-    async def _refresh_artifact(self, folder: ArtifactDir) -> bool:
-        """The artifact's own record (one request when it is stale), never a walk of the list.
-        False when the artifact no longer exists."""
-        artifact = await self.listings.artifact(folder.artifact.id)
-        if artifact is None:
-            self._drop_artifact(folder)
-            return False
-        self._update_artifact(folder, artifact)
-        return True
-
-    async def _refresh_versions(self, folder: ArtifactDir) -> None:
-        """An artifact's folder: its record and its versions (two requests when stale)."""
-        self.listings.prefetch_versions(folder.artifact.id)  # side by side with the record
-        if not await self._refresh_artifact(folder):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        listing = await self.listings.versions(folder.artifact.id)
-        if listing is not folder.listing:
-            self._show_versions(folder, listing)
-
-    def _show_versions(self, folder: ArtifactDir, listing: list[Version]) -> None:
-        children: dict[str, Node] = {}
-        for version in listing:
-            children[version.id] = self._version_dir(folder, version)
-        current_id = folder.artifact.current_version_id
-        if current_id and current_id not in children and folder.artifact.current_version:
-            # The listing can lag behind the artifact: the current version is still reachable.
-            children[current_id] = self._version_dir(folder, folder.artifact.current_version)
-        if current_id and current_id in children:
-            if folder.current is None:
-                folder.current = self._link(current_id, ns(folder.artifact.updated_at))
-            elif folder.current.target != current_id:
-                folder.current.target = current_id
-            children["current"] = folder.current
-        if children != folder.children and folder.listing is not None:
-            self._listing_changed(folder, ns(folder.artifact.updated_at))
-        folder.children = children
-        folder.listing = listing
-        folder.aliases = {p: a for p, a in folder.aliases.items() if a.target in children}
-
-    def _listing_refreshed(self, key: str, value: Any) -> None:
-        """A refresh that ran behind the last answer ended with something new: shown at once,
-        and the kernel is told (so what is new does not wait for the next access after the
-        TTL). Only what was shown before is updated: the rest is built when first asked."""
-        if key == ARTIFACTS:
-            if self.artifacts_dir.listing is not None:
-                self._show_artifacts(value)
-            return
-        kind, _, artifact_id = key.partition("-")
-        folder = self._artifact_dirs.get(artifact_id)
-        if folder is None:
-            return
-        if kind == "artifact" and value is None:
-            self._drop_artifact(folder)
-        elif kind == "artifact":
-            self._update_artifact(folder, value)
-        elif kind == "versions" and folder.listing is not None:
-            self._show_versions(folder, value)
-
-    def _version_dir(self, folder: ArtifactDir, version: Version) -> VersionDir:
-        key = (folder.artifact.id, version.id)
-        node = self._version_dirs.get(key)
-        if node is None:
-            node = VersionDir(self.table.new_inode(), folder.artifact.id, version, folder)
-            self._version_dirs[key] = node
-            self.table.register(node)
-        return node
-
-    def _link(self, target: str, mtime_ns: int) -> Link:
-        link = Link(self.table.new_inode(), target, mtime_ns)
-        self.table.register(link)
-        return link
-
-    def _resolve_prefix(self, folder: ArtifactDir, name: str) -> Link | None:
-        if not HEX_PREFIX.fullmatch(name):
-            return None
-        alias = folder.aliases.get(name)
-        if alias is not None:
-            return alias
-        matches = [vid for vid in folder.children if vid != "current" and vid.startswith(name)]
-        if len(matches) != 1:
-            return None
-        alias = self._link(matches[0], folder.mtime_ns)
-        folder.aliases[name] = alias
-        return alias
+    # -- versions ----------------------------------------------------------------------
 
     def _state(self, folder: VersionDir, use: bool = False) -> VersionState:
         """`use`: a name inside was looked up (not just the folder listed): see versions.py."""
@@ -535,16 +234,6 @@ class Operations(pyfuse3.Operations):
             folder.state = state
             folder.attrs = None
         return state
-
-    async def _children(self, node: Node) -> dict[str, Node]:
-        """The entries of a folder above the versions, fetching what they depend on."""
-        if not isinstance(node, Dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if node is self.artifacts_dir:
-            await self._refresh_artifacts()
-        elif isinstance(node, ArtifactDir):
-            await self._refresh_versions(node)
-        return node.children
 
     async def _content_listing(self, node: VersionDir | ContentDir) -> ContentListing:
         """A folder inside a version, to list: waits for the version's whole tree."""
@@ -615,7 +304,8 @@ class Operations(pyfuse3.Operations):
             if attrs is not node.attrs:
                 attrs.attr_timeout = 0
             return attrs
-        await self._refresh_listing_of(node)
+        if isinstance(node, LISTING_FOLDERS):
+            await self.names.refresh(node)
         return self._entry(node)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -642,33 +332,12 @@ class Operations(pyfuse3.Operations):
         if isinstance(parent, VersionDir):
             state = parent.state
             return CONTENT_TIMEOUT if state is not None and state.tree_complete else 0.0
-        if parent is self.artifacts_dir and self.listings.artifacts_refreshing:
+        if self.names.answered_from_last_list(parent):
             return 0.0  # answered from the last list while a walk runs: ask again soon
         return self._timeout(parent)
 
     async def _find(self, parent: Dir, name: str) -> Node | None:
-        if isinstance(parent, InfoDir):
-            return await self._info_file(name)
-        if parent.owner is None and not isinstance(parent, (ArtifactsDir, ArtifactDir,
-                                                            VersionDir)):
-            node = parent.children.get(name)  # the root and the control folder
-            if isinstance(node, Generated):
-                await node.refresh()
-            return node
-        if parent is self.artifacts_dir:
-            node = parent.children.get(name) if parent.listing is not None else None
-            if isinstance(node, ArtifactDir):  # a known name: its own record, not the list
-                if node.listing is not None:  # listed before: likely to be listed again
-                    self.listings.prefetch_versions(node.artifact.id)
-                return node if await self._refresh_artifact(node) else None
-            if name in self._gone:
-                return None
-            await self._refresh_artifacts()  # only a walk can find a new name
-            return parent.children.get(name)
-        if isinstance(parent, ArtifactDir):
-            await self._refresh_versions(parent)
-            return parent.children.get(name) or self._resolve_prefix(parent, name)
-        if isinstance(parent, (VersionDir, ContentDir)):
+        if isinstance(parent, (VersionDir, ContentDir)):  # inside a version: the usual case
             state = (self._state(parent, use=True) if isinstance(parent, VersionDir)
                      else self._live(parent.owner))
             folder = parent.entry if isinstance(parent, ContentDir) else ROOT_ENTRY
@@ -678,7 +347,9 @@ class Operations(pyfuse3.Operations):
             else:
                 entry = await state.wait_name(folder, name)
             return state.node(entry) if entry is not None else None
-        return parent.children.get(name)
+        if self.control.owns(parent):
+            return await self.control.find(parent, name)
+        return await self.names.find(parent, name)
 
     @fuse_errors
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -695,26 +366,9 @@ class Operations(pyfuse3.Operations):
         node = self._node_now(inode) or await self._node(inode)
         if isinstance(node, Generated):
             await node.refresh()
-        else:
-            await self._refresh_listing_of(node)
+        elif isinstance(node, LISTING_FOLDERS):
+            await self.names.refresh(node)
         return self.attributes(node)
-
-    async def _refresh_listing_of(self, node: Node) -> None:
-        """Before the attributes of a listing folder go to the kernel (getattr, lookup): its
-        listing as of now. The kernel reuses a listing it cached (stateless mode) for as long
-        as the folder's attributes are valid and its mtime is the same."""
-        try:
-            if node is self.artifacts_dir:
-                await self._refresh_artifacts()
-            elif isinstance(node, ArtifactDir) and node.listing is None:
-                await self._refresh_artifact(node)  # its record: the mtime is its updated_at
-            elif isinstance(node, ArtifactDir):
-                await self._refresh_versions(node)  # its record and its versions, not the list
-        except Unauthorized:
-            raise  # EACCES, as a listing gets: the kernel must not show what it cached
-        except Exception as exc:  # noqa: BLE001 - stale attributes beat an error here
-            log.debug("listing refresh for the attributes of inode %d failed: %s",
-                      node.inode, exc)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -803,7 +457,7 @@ class Operations(pyfuse3.Operations):
             snapshot = self._snapshots.get(folder.inode)
             if snapshot is not None:
                 return snapshot
-        children = await self._children(folder)
+        children = await self.names.children(folder)
         entries: list[tuple[bytes, Node]] = [(b".", folder),
                                              (b"..", self._parent(folder))]  # type: ignore[arg-type]
         entries += [(os.fsencode(name), node) for name, node in children.items()]
@@ -963,18 +617,3 @@ class ContentListing:
 
     def __len__(self) -> int:
         return self.index.child_count(self.entry)
-
-
-def process_memory() -> dict[str, int]:
-    """This process's resident memory now and at its peak, in bytes (from /proc)."""
-    found = {"rss": 0, "peak_rss": 0}
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                key = {"VmRSS": "rss", "VmHWM": "peak_rss"}.get(name)
-                if key is not None:
-                    found[key] = int(value.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return found

@@ -29,7 +29,7 @@ import xxhash
 
 from vm0fs.errors import CacheError
 
-log = logging.getLogger("vm0fs.integrity")
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray
 

@@ -1,7 +1,9 @@
 """Listings of artifacts and versions, and each artifact's own record, as the mount shows them.
 
 How fresh an answer is (the README's "Caching and freshness" says the same):
-- a listing whose refresh ended less than `ttl` seconds ago answers without a request;
+- a listing answers without a request for `ttl` seconds from when the request that read it
+  (the first page of its walk) was sent, not from when the walk ended: whatever changed on the
+  server before that request shows once the TTL has passed and one walk has ended;
 - an older one is refreshed, and the access waits for that refresh only while it is a single
   request, and at most `stale_after` seconds, once (after a wait in vain, accesses answer from
   the last listing at once for OFFLINE_BACKOFF seconds): a listing of one page (an artifact's
@@ -37,7 +39,7 @@ import trio
 from vm0fs.api import Artifact, Page, Version
 from vm0fs.errors import NotFound, Unavailable
 
-log = logging.getLogger("vm0fs.meta")
+log = logging.getLogger(__name__)
 
 OFFLINE_BACKOFF = 10.0  # seconds to serve stale listings without asking again after a failure
 STALE_AFTER = 2.0  # the longest an access that has a last listing waits for its refresh
@@ -97,8 +99,8 @@ def _artifact_from_dict(raw: Any) -> Artifact:
 @dataclasses.dataclass
 class _Entry:
     value: Any
-    at: float  # clock() when the refresh that fetched it ended; -inf: not fetched by us
-    asked: float = -math.inf  # clock() when that refresh began
+    at: float  # clock() when its age began: its first request was sent; -inf: not by us
+    asked: float = -math.inf  # clock() when the refresh that fetched it sent its first request
     long: bool = False  # that refresh was a walk of more than one page
 
 
@@ -128,6 +130,7 @@ class Listings:
         self._first = trio.CapacityLimiter(concurrency)  # refreshes someone waits for, whole
         self._again = trio.CapacityLimiter(concurrency)  # refreshes behind a last listing
         self._head: Page[Artifact] | None = None  # first page of the artifact list (`probe`)
+        self._head_asked = -math.inf  # clock() when the request for `_head` was sent
         self.nursery: trio.Nursery | None = None  # where refreshes run; None: in the caller
         # Told (key, new value) when a refresh changed a listing that was known before.
         self.on_change: Callable[[str, Any], None] | None = None
@@ -212,7 +215,7 @@ class Listings:
             self.stale = True
             return
         if page.cursor is not None:
-            self._head = page
+            self._head, self._head_asked = page, asked
             return
         unique: dict[str, Artifact] = {}
         for artifact in page.items:
@@ -297,9 +300,10 @@ class Listings:
     async def _refresh(self, key: str, fetch: Fetch, refresh: _Refresh,
                        entry: _Entry | None) -> None:
         started = time.monotonic()
-        asked = self._clock()
         try:
             async with self._first if entry is None else self._again:
+                # The listing's age counts from its first request: sent now, or by `probe`.
+                asked = self._head_asked if key == ARTIFACTS and self._head else self._clock()
                 value = await fetch(refresh.settled.set)
             long = refresh.settled.is_set()  # set before the end: it needed more pages
             log.debug("listing %s: %s in %.3f s", key,
@@ -337,7 +341,7 @@ class Listings:
         if not changed:
             assert entry is not None
             value = entry.value
-        self._entries[key] = _Entry(value, self._clock(), asked, long)
+        self._entries[key] = _Entry(value, asked, asked, long)
         if key == ARTIFACTS:
             self._listed = {artifact.id: artifact for artifact in value}
             # Records asked for before this walk began: the list knows better now.

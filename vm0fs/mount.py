@@ -1,5 +1,7 @@
-"""Running a mount: pyfuse3 init/main/close under trio, mount options, signals, readiness and a
-clean unmount. `serve` is the whole life of one mount in the foreground.
+"""Serving a mount: the pieces of one mount put together (API client, cache, listings, version
+store, `fs.Operations`), pyfuse3 init/main/close under trio, mount options, signals, readiness
+and a clean unmount. `serve` is the whole life of one mount in its process; how that process
+starts and reports back is `launch`'s.
 """
 
 from __future__ import annotations
@@ -23,18 +25,12 @@ from vm0fs.control import RecentErrors
 from vm0fs.errors import ApiError, Unauthorized, Unavailable
 from vm0fs.fs import Operations
 from vm0fs.meta import Listings, listing_namespace
-from vm0fs.mountpoint import (  # noqa: F401 - also importable from here
-    MountConfig,
-    MountError,
-    MountLock,
-    check_mountpoint,
-    unmount,
-)
+from vm0fs.mountpoint import MountConfig, MountError, MountLock, check_mountpoint
 from vm0fs.mounttable import user_name
 from vm0fs.tree import InodeTable
 from vm0fs.versions import RECENTLY_READ, VersionStore
 
-log = logging.getLogger("vm0fs.mount")
+log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 
 def mount_options(config: MountConfig) -> set[str]:

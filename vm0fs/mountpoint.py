@@ -16,7 +16,7 @@ from pathlib import Path
 from vm0fs.errors import Vm0fsError
 from vm0fs.mounttable import mount_at, user_name, vm0fs_mount_of
 
-log = logging.getLogger("vm0fs.mount")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TASKS = 8  # concurrent FUSE requests; only the ones waiting on the network need many
 

@@ -1,7 +1,8 @@
 """The nodes the filesystem hands out, and the compact index of a version's contents.
 
 Folders above the versions (the root, artifact and version folders, links, the control folder)
-are `Node` objects kept in the `InodeTable`: a handful per artifact and version.
+are `Node` objects kept in the `InodeTable`: a handful per artifact and version (their kinds
+are `namespace`'s and `control`'s).
 
 The contents of a version are not objects: they live in a `TreeIndex`, flat arrays in the
 version's index file in the cache (read whole and checked against its checksum, never

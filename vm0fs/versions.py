@@ -48,7 +48,7 @@ from vm0fs.tree import (
     version_base,
 )
 
-log = logging.getLogger("vm0fs.versions")
+log = logging.getLogger(__name__)
 
 # An index nobody used for TREE_IDLE seconds leaves memory; so does one the kernel holds nothing
 # of after TREE_GRACE; and the least recently used go while all use more than TREE_BUDGET.
