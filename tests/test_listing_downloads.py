@@ -16,6 +16,7 @@ import pytest
 import trio
 from test_fs import FakeClient, Harness, open_mode, run, tar_gz  # noqa: F401 - both modes
 
+from vm0fs.namespace import FOLLOW_WINDOW
 from vm0fs.versions import BURST_GAP, GNOME_SETTING, ListingBurst
 
 
@@ -151,6 +152,47 @@ def test_listings_of_many_artifacts_run_side_by_side(tmp_path: Path) -> None:
             for vid in list(client.gates):
                 client.release(vid)
         assert client.peak == 4 and len(listed) == 8
+
+    run(tmp_path, client, test)
+
+
+def test_following_current_fetches_ahead_in_the_order_asked(tmp_path: Path) -> None:
+    """`artifacts/*/current/` in a shell looks up `current`, then the folder it names, in each
+    artifact before the command reads any: in three artifacts or more in a row, those
+    downloads start ahead, behind any listing; a lookup of a version by its id alone fetches
+    nothing, and so does following one artifact's `current` (a file manager drawing it)."""
+    client = GatedClient()
+    ids = [client.add(f"a{i}", f"run-{i}", archives(1))[0] for i in range(7)]
+    other = client.add("b", "reports", archives(1))[0]
+    client.hold(*ids, other)
+
+    async def test(h: Harness) -> None:
+        await h.lookup(f"artifacts/reports/{other}")  # by id: no download
+        await h.resolve("artifacts/reports/current")
+        await trio.sleep(0.05)
+        assert client.started == []
+        await trio.sleep(FOLLOW_WINDOW)  # not in a row with what follows
+        for i in range(7):
+            await h.resolve(f"artifacts/run-{i}/current")
+        await until(lambda: len(client.started) == 4, "four ahead")
+        assert set(client.started) == set(ids[:4])  # those followed first (trio picks the order)
+        await until(lambda: h.store.listing_queue == 3, "three wait")
+        listed: set[str] | None = None
+        async with trio.open_nursery() as nursery:
+            async def count() -> None:
+                nonlocal listed
+                listed = await listdir(h, f"artifacts/run-6/{ids[6]}")
+            nursery.start_soon(count)  # listed now: it goes before those fetched ahead
+            await until(lambda: h.store.listing_queue == 3, "still queued")
+            client.release(ids[0])
+            await until(lambda: len(client.started) == 5, "the next")
+            assert client.started[4] == ids[6]
+            for vid in ids:
+                client.release(vid)
+        assert listed == {"README.md", "data.bin"}
+        await until(lambda: len(client.started) == 7, "all of them")
+        assert client.started[4] == ids[6] and set(client.started[5:]) == {ids[4], ids[5]}
+        assert other not in client.started
 
     run(tmp_path, client, test)
 

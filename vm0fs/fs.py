@@ -140,7 +140,7 @@ class Operations(pyfuse3.Operations):
         self.table = store.table
         self.mounted_at = time.time()
         self.names = Namespace(listings, self.table, pyfuse3.ROOT_INODE, ns(self.mounted_at),
-                               self._listing_changed)
+                               self._listing_changed, self._followed)
         self.root = self.names.root
         self.artifacts_dir = self.names.artifacts_dir
         self.control = Control(self.table, self.names, store, cache, api_url=api_url,
@@ -234,6 +234,11 @@ class Operations(pyfuse3.Operations):
             folder.state = state
             folder.attrs = None
         return state
+
+    def _followed(self, folder: VersionDir) -> None:
+        """A current version folder reached through `current`: its tree is fetched ahead, as
+        a listing would (the last of the listing-only downloads to go)."""
+        self.store.prefetch(self._state(folder))
 
     async def _content_listing(self, node: VersionDir | ContentDir) -> ContentListing:
         """A folder inside a version, to list: waits for the version's whole tree."""

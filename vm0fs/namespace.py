@@ -18,6 +18,7 @@ its versions. Nothing here downloads.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -33,6 +34,9 @@ from vm0fs.tree import Dir, InodeTable, Link, Node
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
+FOLLOW_WINDOW = 2.0  # seconds from a lookup of `current` to one of its target that follow it,
+# and between two such follows in a row
+SWEEP_FOLLOWS = 3  # artifacts whose `current` is followed in a row: a sweep over them
 HISTORY = "history"
 HEX_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 COUNTED_BACK = re.compile(r"current~(0|[1-9][0-9]{0,8})")  # current~N, N without leading 0s
@@ -117,7 +121,8 @@ class ArtifactsDir(Dir):
 
 
 class ArtifactDir(Dir):
-    __slots__ = ("artifact", "listing", "current", "aliases", "history", "counted")
+    __slots__ = ("artifact", "listing", "current", "aliases", "history", "counted",
+                 "followed_at")
 
     def __init__(self, inode: int, artifact: Artifact, parent: Dir) -> None:
         super().__init__(inode, 0o555, ns(artifact.updated_at), parent)
@@ -127,6 +132,7 @@ class ArtifactDir(Dir):
         self.aliases: dict[str, Link] = {}  # id prefixes looked up so far
         self.history: HistoryDir | None = None
         self.counted: dict[int, Link] = {}  # current~N looked up so far
+        self.followed_at = -math.inf  # when `current` was last looked up
 
 
 class HistoryDir(Dir):
@@ -160,8 +166,10 @@ class Namespace:
     mtime is new by then): the kernel may hold a listing of it that must go."""
 
     def __init__(self, listings: Listings, table: InodeTable, root_inode: int, mtime_ns: int,
-                 changed: Callable[[Dir], None] = lambda folder: None) -> None:
+                 changed: Callable[[Dir], None] = lambda folder: None,
+                 followed: Callable[[VersionDir], None] = lambda folder: None) -> None:
         self.listings = listings
+        self.followed = followed  # told of a current version folder reached through `current`
         self.table = table
         self.changed = changed
         self.root = Dir(root_inode, 0o555, mtime_ns)
@@ -172,6 +180,10 @@ class Namespace:
         self._artifact_dirs: dict[str, ArtifactDir] = {}
         self._gone: set[str] = set()  # names of artifacts/ found deleted since the last list
         self._version_dirs: dict[tuple[str, str], VersionDir] = {}
+        # Current versions followed in a row (see _follow), by artifact id, in order.
+        self._follows: dict[str, VersionDir] = {}
+        self._last_follow = -math.inf
+        self._sweeping = False
         listings.on_change = self._listing_refreshed
 
     # -- what the fs layer asks --------------------------------------------------------
@@ -202,8 +214,16 @@ class Namespace:
             return parent.children.get(name)
         if isinstance(parent, ArtifactDir):
             await self.refresh_versions(parent)
-            return (parent.children.get(name) or self._resolve_prefix(parent, name)
+            node = (parent.children.get(name) or self._resolve_prefix(parent, name)
                     or self._count_back(parent, name))
+            now = time.monotonic()
+            if name == CURRENT:
+                parent.followed_at = now
+            elif (isinstance(node, VersionDir) and now - parent.followed_at < FOLLOW_WINDOW
+                  and parent.current is not None and parent.current.target == name):
+                parent.followed_at = -math.inf
+                self._follow(node, now)
+            return node
         if isinstance(parent, HistoryDir):
             await self.refresh_versions(parent.folder)
         return parent.children.get(name)
@@ -231,6 +251,26 @@ class Namespace:
         """Whether a lookup in `parent` answered from the last list while a walk runs (a "no
         such name" then is not worth keeping long)."""
         return parent is self.artifacts_dir and self.listings.artifacts_refreshing
+
+    def _follow(self, folder: VersionDir, now: float) -> None:
+        """`current` looked up, then the folder it names: a path is followed through it. In
+        SWEEP_FOLLOWS artifacts in a row (a shell expanding `artifacts/*/current/`, before the
+        command looks inside them one by one), those versions and the next ones followed are
+        fetched ahead. One artifact is not a sweep: a file manager showing an artifact's folder
+        follows its `current` to draw it, and that must download nothing."""
+        if now - self._last_follow > FOLLOW_WINDOW:
+            self._follows.clear()
+            self._sweeping = False
+        self._last_follow = now
+        if self._sweeping:
+            self.followed(folder)
+            return
+        self._follows[folder.artifact_id] = folder
+        if len(self._follows) >= SWEEP_FOLLOWS:
+            self._sweeping = True
+            for each in self._follows.values():
+                self.followed(each)
+            self._follows.clear()
 
     def folder_name(self, artifact_id: str) -> str:
         for name, node in self.artifacts_dir.children.items():

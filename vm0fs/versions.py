@@ -103,6 +103,7 @@ class VersionState:
         self.used = False  # a path inside was looked up or a file read: its loads go first
         self.slot = False  # holds one of the listing-only download slots
         self.turn: trio.Event | None = None  # set when a queued listing-only load may go
+        self.prefetch = False  # asked for ahead of a look inside (see VersionStore.prefetch)
         self._changed = trio.Event()
         self._nodes: dict[int, Node] = {}
 
@@ -306,6 +307,7 @@ class VersionStore:
         state = self.states.get(key)
         if state is not None:
             if state.error is None:
+                state.prefetch = False  # asked for now, not ahead
                 if use and not state.tree_complete:  # a lookup that has to wait for it
                     self._use(state)
                 elif state.turn is not None:
@@ -420,7 +422,10 @@ class VersionStore:
             self._take_slot(state)
             return
         turn = state.turn = trio.Event()
-        self._queue.append(state)
+        if state.prefetch:  # behind the rest; the first asked goes first (see _release_slot)
+            self._queue.appendleft(state)
+        else:
+            self._queue.append(state)
         log.debug("version %s: listing-only download queued (%d waiting)",
                   state.version_id[:12], len(self._queue))
         try:
@@ -429,6 +434,13 @@ class VersionStore:
             state.turn = None
             if state in self._queue:  # cancelled while waiting
                 self._queue.remove(state)
+
+    def prefetch(self, state: VersionState) -> None:
+        """A version about to be looked into (its folder was reached through `current`): its
+        download, if one starts, waits behind every other listing-only download, in the order
+        asked, until the version is listed or used."""
+        if state.loading and not state.used and state.turn is None:
+            state.prefetch = True
 
     def _may_run(self, state: VersionState) -> bool:
         return (self._listing_running < self.listing_slots
@@ -457,6 +469,7 @@ class VersionStore:
 
     def _ask_again(self, state: VersionState) -> None:
         """A queued version was listed again: it becomes the newest request."""
+        state.prefetch = False
         if state in self._queue and self._queue[-1] is not state:
             self._queue.remove(state)
             self._queue.append(state)
