@@ -52,7 +52,7 @@ PROGRESS_RESET = 1 << 20  # an attempt that brought this much, or a quarter of w
 # each its own GET on its own connection, PARTS_IN_FLIGHT at a time (those running and those
 # waiting their turn to be handed over: what is held in memory is at most that many parts).
 PART_SIZE = 4 << 20
-PARTS_IN_FLIGHT = 8
+PARTS_IN_FLIGHT = 12
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T", "Artifact", "Version")
