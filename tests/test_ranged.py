@@ -4,6 +4,7 @@ Every case compares the bytes handed over with the object, byte for byte."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ LINK = "https://blob.test/bucket/archive.tar.gz?X-Amz-Signature=SIG{n}&X-Amz-Exp
 @pytest.fixture(autouse=True)
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vm0fs.api, "PART_SIZE", PART)
+    monkeypatch.setattr(vm0fs.api, "FAST_STREAM", math.inf)  # every stream is slow: parts
 
 
 class Store:
@@ -134,6 +136,16 @@ def test_parts_in_parallel_in_order() -> None:
         f"bytes={s}-{min(s + PART, len(OBJECT)) - 1}" for s in range(0, len(OBJECT), PART))
     assert all(r.headers.get("if-range") == '"e1"' for r in store.blob[1:])
     assert 2 < store.peak <= vm0fs.api.PARTS_IN_FLIGHT
+
+
+def test_a_fast_first_stream_goes_on_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first answer faster than FAST_STREAM: no parts; once its range is in, the rest
+    comes as one request, at once."""
+    monkeypatch.setattr(vm0fs.api, "FAST_STREAM", 0)
+    monkeypatch.setattr(vm0fs.api, "RATE_PROBE", PART // 4)
+    store = Store()
+    assert run(lambda: fetch_all(client_for(store))) == OBJECT
+    assert ranges(store) == [f"bytes=0-{PART - 1}", f"bytes={PART}-"]
 
 
 def test_small_archive_is_one_request() -> None:

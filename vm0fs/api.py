@@ -53,6 +53,12 @@ PROGRESS_RESET = 1 << 20  # an attempt that brought this much, or a quarter of w
 # waiting their turn to be handed over: what is held in memory is at most that many parts).
 PART_SIZE = 4 << 20
 PARTS_IN_FLIGHT = 12
+# Parts start only when the first answer's body comes slower than FAST_STREAM bytes a second
+# (measured over its first RATE_PROBE bytes or PROBE_TIME seconds): a stream faster than one
+# core inflates gains nothing from more, and they cost the machine (a server on loopback).
+FAST_STREAM = 200_000_000
+RATE_PROBE = 1 << 20
+PROBE_TIME = 0.1
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T", "Artifact", "Version")
@@ -594,7 +600,11 @@ class ApiClient:
                     await slots.acquire()
                     nursery.start_soon(self._fill, part, path, params)
 
+            answered = math.inf
+
             def plan() -> None:  # at the head's first answer, before any of its bytes
+                nonlocal answered
+                answered = trio.current_time()
                 total, end = head.total, head.end
                 if total is None or end is None or end + 1 >= total:
                     return  # one stream: a small archive, or a server that sent the whole
@@ -604,16 +614,34 @@ class ApiClient:
                         start=start, end=min(start + PART_SIZE, total) - 1, total=total,
                         etag=head.etag, validator=head.validator, shared=links,
                         part=True)))  # the link: the shared one when the part starts
-                nursery.start_soon(launch)
 
             head.on_answer = plan
             try:
+                launched = False
+
+                def decide(probed: bool) -> None:
+                    """Start the parts, or go on as one stream if this one is fast."""
+                    nonlocal launched
+                    elapsed = trio.current_time() - answered
+                    if launched or not parts or not (
+                            probed or head.received >= RATE_PROBE or elapsed >= PROBE_TIME):
+                        return
+                    launched = True
+                    if head.received >= FAST_STREAM * elapsed and not probed:
+                        parts.clear()  # one stream will do: the head goes on to the end
+                        head.part, head.end = False, None
+                    else:
+                        nursery.start_soon(launch)
+
                 async with aclosing(self._chunks(head, path, params)) as chunks:
                     async for chunk in chunks:
                         handed += len(chunk)
+                        decide(False)
                         if not await deliver(chunk):
                             stopped = True
                             break
+                if not stopped:
+                    decide(True)  # the head's range came whole before the probe ended: parts
                 if not stopped:
                     for part in parts:
                         while True:
@@ -687,6 +715,7 @@ class ApiClient:
                         st.on_answer()
                         st.on_answer = None
                     # A range answered past its end is cut there.
+                    asked = st.end
                     want = math.inf if st.end is None else st.end + 1 - st.at
                     async with aclosing(_raw_chunks(resp, self._chunk_size, self._speed_limit,
                                                     self._speed_time)) as chunks:
@@ -717,6 +746,9 @@ class ApiClient:
                     await resp.aclose()
                 if skip:
                     raise _Retry("body ended before the resume point")
+                if asked is not None and st.at == asked + 1 and (st.end is None
+                                                                 or st.end > asked):
+                    continue  # the range asked for came whole, and now more is wanted
                 last = st.end if st.end is not None else (
                     st.total - 1 if st.total is not None else None)
                 if last is not None and st.at <= last:
