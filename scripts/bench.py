@@ -10,6 +10,10 @@ in one run, every measurement several times (median and min-max):
            inflate, index), against `curl` of the same archive from the same server piped into
            `tar -xz` (the API's 302 Location is read first, then the blob is fetched without the
            key: the blob host refuses requests that carry it)
+  first    the first look at versions nobody downloaded: `grep -r` of a 200 MB version, and
+           `grep -r` and `rg` over `*/current/` of 30 artifacts, against `curl | tar -xz` of the
+           same archives followed by the same command, with the blob side capped per
+           connection (NETWORK: an object store) and on loopback
   warm     `find`, `ls -lR`, `du -s`, `grep -r` (a rare pattern) over the cached 50,000-file
            versions (agent logs, and 50,000 files of under 100 bytes in 300 folders, where the
            per-file cost is all there is), against the same commands on the extracted tree and
