@@ -80,7 +80,9 @@ class Control:
 
     def __init__(self, table: InodeTable, names: Namespace, store: VersionStore, cache: Cache,
                  *, api_url: str, mountpoint: str, open_mode: str, mounted_at: float,
-                 recent_errors: RecentErrors) -> None:
+                 recent_errors: RecentErrors, pushed: Callable[[], dict[str, int]] = dict
+                 ) -> None:
+        self.pushed = pushed  # files put in the kernel's page cache ahead of reads
         self.table = table
         self.names = names
         self.store = store
@@ -147,6 +149,7 @@ class Control:
             "listing_only_downloads": {"total": store.listing_only,
                                        "queued": store.listing_queue,
                                        "at_once": store.listing_slots},
+            "pushed_ahead": self.pushed(),
             "notice": store.bursts.notice,
             "last_errors": list(self.recent_errors.records),
         }

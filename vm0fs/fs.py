@@ -42,6 +42,7 @@ from vm0fs.namespace import (
     VersionDir,
     ns,
 )
+from vm0fs.pagefill import FILL_FILE_MAX, PageFill
 from vm0fs.tree import (
     ROOT_ENTRY,
     VERSION_INODES,
@@ -122,6 +123,9 @@ XATTR_PREFIX = "user.vm0."
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # `rg` and anything else that opens files by path walk `current` every time: without the
+    # kernel's cache, a readlink request each (a patched pyfuse3 only; see patches/).
+    enable_symlink_caching = True
 
     def __init__(self, listings: Listings, store: VersionStore, cache: Cache, *,
                  metadata_ttl: float, uid: int | None = None, gid: int | None = None,
@@ -139,14 +143,17 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.table = store.table
         self.mounted_at = time.time()
+        self.fill = PageFill(pyfuse3.notify_store)  # its `run` is a task of the mount
         self.names = Namespace(listings, self.table, pyfuse3.ROOT_INODE, ns(self.mounted_at),
-                               self._listing_changed, self._followed)
+                               self._listing_changed, self._followed, self._retargeted)
         self.root = self.names.root
         self.artifacts_dir = self.names.artifacts_dir
         self.control = Control(self.table, self.names, store, cache, api_url=api_url,
                                mountpoint=mountpoint, open_mode=self.open_mode,
                                mounted_at=self.mounted_at,
-                               recent_errors=recent_errors or RecentErrors())
+                               recent_errors=recent_errors or RecentErrors(),
+                               pushed=lambda: {"files": self.fill.files,
+                                               "bytes": self.fill.bytes})
         self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
         # Stateless mode: readdir entries of recently listed folders, so that the calls of
@@ -165,7 +172,8 @@ class Operations(pyfuse3.Operations):
         log.info("serving opens in %s mode", self.open_mode)
 
     async def invalidate_listings(self) -> None:
-        """Tell the kernel to drop its cached listing of folders whose entries changed.
+        """Tell the kernel to drop its cached listing of folders whose entries changed, and its
+        cached target of links that point elsewhere now.
 
         Runs as its own task: `invalidate_inode` must not be called from a request handler."""
         while True:
@@ -176,6 +184,12 @@ class Operations(pyfuse3.Operations):
                 log.debug("listing of inode %d changed: dropping the kernel's copy", inode)
                 with contextlib.suppress(OSError):  # ENOENT: the kernel did not know it
                     await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+
+    def _retargeted(self, link: Link) -> None:
+        """`link` points elsewhere now: the kernel's cached target goes (links are cached,
+        `enable_symlink_caching`, with a pyfuse3 that has patches/pyfuse3-cache-symlinks)."""
+        self._stale_listings.add(link.inode)
+        self._listings_changed.set()
 
     def _listing_changed(self, folder: Dir) -> None:
         """`folder` has other entries now (and a new mtime): the kernel's copy goes."""
@@ -311,6 +325,13 @@ class Operations(pyfuse3.Operations):
             return attrs
         if isinstance(node, LISTING_FOLDERS):
             await self.names.refresh(node)
+        elif isinstance(node, Link) and node.inode in self._stale_listings:
+            # It points elsewhere since the kernel cached its target: that goes before the
+            # kernel walks through it again. From a thread, as the task does: a readlink in
+            # flight holds the page the kernel drops, and its answer comes from this loop.
+            self._stale_listings.discard(node.inode)
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
         return self._entry(node)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -518,6 +539,8 @@ class Operations(pyfuse3.Operations):
         self.store.reading(state)  # kept from eviction, and brought back if it was evicted
         if node.sparse is not None:
             return await self._read_sparse(node, off, end)
+        if off == 0 and node.size <= FILL_FILE_MAX:
+            self.fill.read_from_start(state, node.entry)  # the next files may be pushed ahead
         # Big files are mostly read through: the first read asks the disk for the rest too.
         ahead = min(node.size, READAHEAD_MAX) if off == 0 and node.size >= READAHEAD_MIN else 0
         return await self._read_range(node, node.offset + off, end - off, ahead)

@@ -116,7 +116,7 @@ def _length(sums: BlockSums, block: int) -> int:
     return min(BLOCK, sums.sealed - (block << BLOCK_SHIFT))
 
 
-def _check(block: int, data: Any, sums: BlockSums) -> None:
+def check_block(block: int, data: Any, sums: BlockSums) -> None:
     want = _length(sums, block)
     if len(data) != want:
         raise Damaged(f"the cached data is shorter than its index says (block {block}: "
@@ -180,10 +180,10 @@ class BlockReader:
             else:
                 found[block] = data
         if cold:  # not in the page cache: read in a worker thread, and ask for more ahead
-            found.update(await trio.to_thread.run_sync(_read_blocks, fd, sums, cold,
+            found.update(await trio.to_thread.run_sync(read_blocks, fd, sums, cold,
                                                        max(ahead, READAHEAD)))
         for block in missing:
-            _check(block, found[block], sums)
+            check_block(block, found[block], sums)
             self.checked += 1
             # Small reads share blocks (small files), and a sequential reader's next read
             # starts in the last block of this one: keep those, not the middle of a big read.
@@ -214,7 +214,7 @@ class BlockReader:
         return buf
 
 
-def _read_blocks(fd: int, sums: BlockSums, blocks: list[int], ahead: int) -> dict[int, Buffer]:
+def read_blocks(fd: int, sums: BlockSums, blocks: list[int], ahead: int) -> dict[int, Buffer]:
     """Read whole blocks, blocking; a short read gives a short block (the check tells)."""
     start = blocks[0] << BLOCK_SHIFT
     with contextlib.suppress(OSError):

@@ -98,9 +98,9 @@ async def _serve(config: MountConfig, ready: Callable[[], None], client: ApiClie
                 store.offline = lambda: listings.offline
                 await nursery.start(store.run)
                 nursery.start_soon(_stop_on_signal)
-                if ops.stateless:
-                    nursery.start_soon(ops.invalidate_listings)
+                nursery.start_soon(ops.invalidate_listings)  # listings, and links moved
                 nursery.start_soon(store.keep_cache_size)  # a cap is always in force
+                nursery.start_soon(ops.fill.run)
                 ready()
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
                 nursery.cancel_scope.cancel()

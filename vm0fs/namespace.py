@@ -163,12 +163,16 @@ class Namespace:
     """The root, `artifacts/` and everything in it down to the version folders.
 
     `changed(folder)` is told of every folder whose entries changed after it was shown (its
-    mtime is new by then): the kernel may hold a listing of it that must go."""
+    mtime is new by then): the kernel may hold a listing of it that must go. `retargeted(link)`
+    is told of a link that points elsewhere now (`current`, `current~N`): the kernel may hold
+    its old target."""
 
     def __init__(self, listings: Listings, table: InodeTable, root_inode: int, mtime_ns: int,
                  changed: Callable[[Dir], None] = lambda folder: None,
-                 followed: Callable[[VersionDir], None] = lambda folder: None) -> None:
+                 followed: Callable[[VersionDir], None] = lambda folder: None,
+                 retargeted: Callable[[Link], None] = lambda link: None) -> None:
         self.listings = listings
+        self.retargeted = retargeted
         self.followed = followed  # told of a current version folder reached through `current`
         self.table = table
         self.changed = changed
@@ -363,7 +367,7 @@ class Namespace:
             if folder.current is None:
                 folder.current = self._link(current_id, ns(folder.artifact.updated_at))
             elif folder.current.target != current_id:
-                folder.current.target = current_id
+                self._retarget(folder.current, current_id)
             children[CURRENT] = folder.current
         if folder.history is None:
             folder.history = HistoryDir(self.table.new_inode(), folder)
@@ -453,6 +457,10 @@ class Namespace:
         if link is None:
             link = folder.counted[n] = self._link(found.id, folder.mtime_ns)
         elif link.target != found.id:
-            link.target = found.id  # ids are all 64 characters: the size stays the same
-            link.attrs = None
+            self._retarget(link, found.id)  # ids are all 64 characters: the size stays the same
         return link
+
+    def _retarget(self, link: Link, target: str) -> None:
+        link.target = target
+        link.attrs = None
+        self.retargeted(link)

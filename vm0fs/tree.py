@@ -320,6 +320,17 @@ class TreeIndex(EntryArrays):
             yield (bytes(names[name_off[entry]:name_off[entry + 1]]), entry, mode, size,
                    mtimes[entry])
 
+    def position(self, folder: int, entry: int) -> int | None:
+        """Where `entry` comes in the listing of the folder entry `folder` (0: first), or None
+        when it is not listed there."""
+        lo, hi = self._child_off[folder], self._child_off[folder + 1]
+        i = bisect.bisect_left(self._children, self.name(entry), lo, hi, key=self.name)
+        return i - lo if i < hi and self._children[i] == entry else None
+
+    def child(self, folder: int, position: int) -> int:
+        """The entry at `position` of a folder's listing (0 <= position < child_count)."""
+        return self._children[self._child_off[folder] + position]
+
     def children(self, folder: int, start: int = 0) -> Iterator[tuple[bytes, int]]:
         """(name, entry) of a folder's entries from the `start`th on, sorted by name."""
         lo, hi = self._child_off[folder], self._child_off[folder + 1]

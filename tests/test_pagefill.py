@@ -1,0 +1,217 @@
+"""Putting the next small files of a folder into the kernel's page cache ahead of a reader
+(pagefill.py): driven through the filesystem operations with the real cache and store, the
+kernel's NOTIFY_STORE replaced by a recorder. Every byte pushed is compared with the file."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.test_fs import FakeClient, Harness, artifact, run, tar_gz, version
+from vm0fs import pagefill
+from vm0fs.integrity import BLOCK, BlockSums, Damaged, digest
+from vm0fs.pagefill import _Run, push_files
+
+FILES = 40
+ROOT = "artifacts/run/current"
+
+
+def body(i: int) -> bytes:
+    # Sizes that straddle blocks and windows; distinct bytes in every file.
+    return (f"file {i:03d} ".encode() * (700 + 977 * i))[: 5_000 + 9_973 * i]
+
+
+def small(numbers: range | list[int]) -> list[int]:
+    return [i for i in numbers if len(body(i)) <= pagefill.FILL_FILE_MAX]
+
+
+def logs_client(extra: dict[str, bytes | str] | None = None) -> FakeClient:
+    client = FakeClient()
+    files: dict[str, bytes | str] = {f"logs/f{i:03d}.log": body(i) for i in range(FILES)}
+    files.update(extra or {})
+    client.archives["v1"] = tar_gz(files)
+    client.versions["a1"] = [version("v1", "a1", len(files))]
+    client.artifacts = [artifact("a1", "run", client.versions["a1"])]
+    return client
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.pushed: dict[int, bytes] = {}
+        self.order: list[int] = []
+        self.unknown: set[int] = set()  # inodes the "kernel" does not know
+
+    def __call__(self, inode: int, offset: int, data: Any) -> None:
+        assert offset == 0
+        if inode in self.unknown:
+            raise OSError(errno.ENOENT, "no such inode")
+        self.pushed[inode] = bytes(data)
+        self.order.append(inode)
+
+
+async def inodes(h: Harness) -> dict[int, int]:
+    """inode -> file number, after listing the folder (as the kernel would have)."""
+    listed = await h.listdir(f"{ROOT}/logs")
+    return {attrs.st_ino: int(name[1:4]) for name, attrs in listed.items()}
+
+
+async def settle(h: Harness) -> None:
+    for _ in range(200):  # the fill runs in a worker thread
+        await trio.sleep(0.01)
+        if not h.ops.fill._jobs:
+            await trio.sleep(0.05)
+            return
+
+
+def with_fill(tmp_path: Path, client: FakeClient, test: Any) -> Recorder:
+    recorder = Recorder()
+
+    async def body_(h: Harness) -> None:
+        h.ops.fill._push = recorder
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.ops.fill.run)
+            await test(h, recorder)
+            nursery.cancel_scope.cancel()
+
+    run(tmp_path, client, body_)
+    return recorder
+
+
+def test_reading_in_order_pushes_the_next_files_with_their_exact_bytes(tmp_path: Path) -> None:
+    async def test(h: Harness, rec: Recorder) -> None:
+        numbers = await inodes(h)
+        assert await h.read(f"{ROOT}/logs/f000.log") == body(0)
+        await settle(h)
+        assert rec.pushed == {}  # one read is no order yet
+        assert await h.read(f"{ROOT}/logs/f001.log") == body(1)
+        await settle(h)
+        got = sorted(numbers[i] for i in rec.pushed)
+        assert got == small(range(3, FILES))  # f002 is the reader's next read: left to it
+        assert len(got) > 20
+        for inode, data in rec.pushed.items():
+            assert data == body(numbers[inode])
+        assert [numbers[i] for i in rec.order] == got  # in the reader's order
+        assert h.ops.fill.files == len(got)
+        assert h.ops.fill.bytes == sum(len(body(i)) for i in got)
+
+    with_fill(tmp_path, logs_client(), test)
+
+
+def test_reading_backward_pushes_the_files_before(tmp_path: Path) -> None:
+    async def test(h: Harness, rec: Recorder) -> None:  # rg takes a folder's files off a stack
+        numbers = await inodes(h)
+        await h.read(f"{ROOT}/logs/f025.log")
+        await h.read(f"{ROOT}/logs/f024.log")
+        await settle(h)
+        assert [numbers[i] for i in rec.order] == list(range(22, -1, -1))
+        for inode, data in rec.pushed.items():
+            assert data == body(numbers[inode])
+
+    with_fill(tmp_path, logs_client(), test)
+
+
+def test_reads_out_of_order_push_nothing(tmp_path: Path) -> None:
+    async def test(h: Harness, rec: Recorder) -> None:
+        await inodes(h)
+        for i in (3, 20, 10, 25):
+            assert await h.read(f"{ROOT}/logs/f{i:03d}.log") == body(i)
+        await settle(h)
+        assert rec.pushed == {}
+
+    with_fill(tmp_path, logs_client(), test)
+
+
+def test_big_files_links_and_unknown_inodes_are_skipped(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pagefill, "FILL_FILE_MAX", 200_000)
+    extra: dict[str, bytes | str] = {"logs/f010a.bin": b"x" * 300_000, "logs/f010b": "f000.log"}
+
+    async def test(h: Harness, rec: Recorder) -> None:
+        listed = await h.listdir(f"{ROOT}/logs")
+        numbers = {a.st_ino: int(n[1:4]) for n, a in listed.items() if n.endswith(".log")}
+        rec.unknown.add(listed["f020.log"].st_ino)
+        await h.read(f"{ROOT}/logs/f000.log")
+        await h.read(f"{ROOT}/logs/f001.log")
+        await settle(h)
+        assert listed["f010a.bin"].st_ino not in rec.pushed
+        assert listed["f010b"].st_ino not in rec.pushed
+        assert sorted(numbers[i] for i in rec.pushed) == [
+            i for i in small(range(3, FILES)) if i != 20 and len(body(i)) <= 200_000]
+        for inode, data in rec.pushed.items():
+            assert data == body(numbers[inode])
+
+    with_fill(tmp_path, logs_client(extra), test)
+
+
+def test_a_damaged_cache_file_is_never_pushed(tmp_path: Path) -> None:
+    async def test(h: Harness, rec: Recorder) -> None:
+        numbers = await inodes(h)
+        await h.read(f"{ROOT}/logs/f000.log")
+        data = next((tmp_path / "cache").rglob("data.tar"))
+        raw = bytearray(data.read_bytes())
+        at = raw.find(body(25)[:50])
+        raw[at + 10] ^= 0xFF  # a byte of f025
+        data.write_bytes(raw)
+        await h.read(f"{ROOT}/logs/f001.log")
+        await settle(h)
+        assert rec.pushed  # the files before the damaged block went
+        for inode, data_ in rec.pushed.items():
+            assert data_ == body(numbers[inode])  # and nothing else: never a wrong byte
+        assert all(numbers[i] < 25 for i in rec.pushed)
+
+    with_fill(tmp_path, logs_client(), test)
+
+
+def test_push_files_checks_every_block_and_follows_the_reader(tmp_path: Path) -> None:
+    content = bytes(range(256)) * (5 * BLOCK // 256)
+    path = tmp_path / "tar"
+    path.write_bytes(content)
+    sums = BlockSums([digest(content[b:b + BLOCK]) for b in range(0, len(content), BLOCK)],
+                     len(content))
+    files = [(p, 100 + p, p * 30_000, 25_000) for p in range(10)]
+    got: dict[int, bytes] = {}
+    with path.open("rb") as f:
+        run_ = _Run(last=3, low=3, high=10)  # the reader is at position 3 already
+        pushed, nbytes = push_files(f.fileno(), sums, files, lambda i, o, d: got.update(
+            {i: bytes(d)}), run_)
+        assert pushed == 5 and nbytes == 5 * 25_000  # positions 5..9
+        for p in range(5, 10):
+            assert got[100 + p] == content[p * 30_000:p * 30_000 + 25_000]
+        backward = list(reversed(files))
+        got.clear()
+        push_files(f.fileno(), sums, backward, lambda i, o, d: got.update({i: bytes(d)}),
+                   _Run(last=10, low=0, high=10), step=-1)
+        assert sorted(got) == [100 + p for p in range(9)]
+        for p in range(9):
+            assert got[100 + p] == content[p * 30_000:p * 30_000 + 25_000]
+        # A file past the checked data, a short file, a changed byte: Damaged, nothing pushed.
+        with pytest.raises(Damaged):
+            push_files(f.fileno(), BlockSums(sums.sums[:2], 2 * BLOCK), files[5:],
+                       lambda *a: pytest.fail("pushed"), _Run(-5, 0, 0))
+    path.write_bytes(content[:3 * BLOCK])
+    with path.open("rb") as f, pytest.raises(Damaged):
+        push_files(f.fileno(), sums, files[7:], lambda *a: pytest.fail("pushed"), _Run(-5, 0, 0))
+    path.write_bytes(content[:100] + b"!" + content[101:])
+    with path.open("rb") as f, pytest.raises(Damaged):
+        push_files(f.fileno(), sums, files[:1], lambda *a: pytest.fail("pushed"), _Run(-5, 0, 0))
+
+
+def test_a_kernel_without_notify_store_turns_it_off(tmp_path: Path) -> None:
+    def refuse(inode: int, offset: int, data: Any) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    async def test(h: Harness, rec: Recorder) -> None:
+        h.ops.fill._push = refuse
+        await inodes(h)
+        for i in range(4):
+            assert await h.read(f"{ROOT}/logs/f{i:03d}.log") == body(i)
+        await settle(h)
+        assert not h.ops.fill.enabled
+        for i in range(4, 8):  # reads go on as before
+            assert await h.read(f"{ROOT}/logs/f{i:03d}.log") == body(i)
+
+    with_fill(tmp_path, logs_client(), test)

@@ -1,0 +1,238 @@
+"""Reading ahead across files: a reader going through a folder's small files in listing order
+(`grep -r`, `rg`, `cp -r`, `rsync`, `tar`) finds the next ones already in the kernel's page
+cache, put there with FUSE_NOTIFY_STORE from a worker thread while it reads the previous ones.
+
+A small file's read costs a round trip through the kernel, pyfuse3 and trio (about 100 us a
+file here, against a few us to read it from the page cache), so for small files that round trip
+is the whole cost. Once two files of one folder were read from their start one after the other,
+the files after them in the listing (FILL_AHEAD_FILES, FILL_AHEAD_BYTES at most, each at most
+FILL_FILE_MAX) are pushed; a read past what was pushed pushes the next ones.
+
+Only bytes of a complete version, checked block by block against their checksums
+(integrity.py), are pushed: what the kernel gets is what a read would have returned. A damaged
+block stops the push and leaves the read path to find it and fetch the version again. The pages
+are the kernel's to reclaim, as any page cache; files the kernel does not know (ENOENT) are
+skipped, and a kernel without NOTIFY_STORE turns this off.
+
+`notify_store` blocks while a page it fills is locked by a READ in flight, whose answer comes
+from the event loop: it only runs in a worker thread, one at a time (its own limiter), never in
+a request handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cachetools
+import trio
+
+from vm0fs.integrity import BLOCK, BLOCK_SHIFT, BlockSums, Damaged, check_block
+from vm0fs.tree import TreeIndex
+
+log = logging.getLogger(__name__)
+
+FILL_FILE_MAX = 256 << 10  # bigger files get the kernel's own readahead: few reads a file
+FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
+FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
+SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
+RUNS_KEPT = 256  # folders whose reading order is followed
+WINDOW = 1 << 20  # bytes of the tar file read and checked at a time for a push
+
+Push = Callable[[int, int, Any], None]  # pyfuse3.notify_store(inode, offset, data)
+
+
+@dataclass
+class _Run:
+    """Where a reader is in one folder's listing: the last position it read from the start,
+    and the positions pushed or queued so far, [low, high) (empty: none)."""
+
+    last: int
+    low: int
+    high: int
+
+
+@dataclass
+class _Job:
+    state: Any  # the VersionState
+    index: TreeIndex
+    folder: int
+    positions: range  # listing positions to push, in the order the reader goes
+    run: _Run
+
+
+class PageFill:
+    def __init__(self, push: Push) -> None:
+        self._push = push
+        self._runs: cachetools.LRUCache[tuple[int, int], _Run] = cachetools.LRUCache(RUNS_KEPT)
+        self._jobs: deque[_Job] = deque()
+        self._wake = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self.enabled = True
+        self.files = 0  # pushed, for `vm0fs status` and the tests
+        self.bytes = 0
+
+    def read_from_start(self, state: Any, entry: int) -> None:
+        """A read at offset 0 of the small file `entry` of a version whose data is all in.
+
+        Readers go forward through a listing (grep -r, cp -r) or backward (rg takes a
+        folder's files from a stack): the direction of the last two reads decides."""
+        index = state.index
+        if not self.enabled or not isinstance(index, TreeIndex) or not state.data_ready:
+            return
+        folder = index.parent(entry)
+        position = index.position(folder, entry)
+        if position is None:
+            return
+        key = (state.base, folder)
+        run = self._runs.get(key)
+        if run is None:
+            self._runs[key] = _Run(position, position, position)
+            return
+        last, run.last = run.last, position
+        pushed = run.low < run.high  # a reader past the ends of that is still in order
+        if (last < position <= last + SEQUENTIAL_GAP
+                or pushed and run.high <= position <= run.high + SEQUENTIAL_GAP):
+            start = max(position + 1, run.high) if pushed else position + 1
+            end = min(index.child_count(folder), position + 1 + FILL_AHEAD_FILES)
+            if start < end:
+                if not pushed:
+                    run.low = start
+                run.high = end  # claimed now: the next read must not queue the same files
+                self._queue(_Job(state, index, folder, range(start, end), run))
+        elif (last - SEQUENTIAL_GAP <= position < last
+              or pushed and run.low - SEQUENTIAL_GAP <= position < run.low):
+            end = min(position, run.low) if pushed else position
+            start = max(0, position - FILL_AHEAD_FILES)
+            if start < end:
+                if not pushed:
+                    run.high = end
+                run.low = start
+                self._queue(_Job(state, index, folder, range(end - 1, start - 1, -1), run))
+
+    def _queue(self, job: _Job) -> None:
+        self._jobs.append(job)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Push what the reads asked for, one job at a time (a task of the mount's nursery)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._jobs and self.enabled:
+                await self._fill(self._jobs.popleft())
+            self._jobs.clear()
+
+    async def _fill(self, job: _Job) -> None:
+        state, index = job.state, job.index
+        files: list[tuple[int, int, int, int]] = []  # (position, inode, offset in tar, size)
+        total = 0
+        step = job.positions.step
+        for position in job.positions:
+            entry = index.child(job.folder, position)
+            mode, size = index.mode(entry), index.size(entry)
+            if not stat.S_ISREG(mode) or size > FILL_FILE_MAX or index.extra(entry):
+                continue  # folders, links, big and sparse files
+            if total + size > FILL_AHEAD_BYTES:
+                # The rest waits for the reader to come near it.
+                if step > 0:
+                    job.run.high = position
+                else:
+                    job.run.low = position + 1
+                break
+            if size:
+                files.append((position, state.base + entry, index.offset(entry), size))
+                total += size
+        if not files:
+            return
+        state.reads_in_flight += 1  # eviction must not close the descriptor meanwhile
+        fd, sums = state.fd, state.sums
+        try:
+            if fd is None or sums is None or state.index is not index or not state.data_ready:
+                return
+            pushed, pushed_bytes = await trio.to_thread.run_sync(
+                push_files, fd, sums, files, self._push, job.run, step, limiter=self._limiter)
+            self.files += pushed
+            self.bytes += pushed_bytes
+        except Damaged as exc:
+            log.debug("not pushing files of version %s: %s", state.version_id[:12], exc)
+        except OSError as exc:
+            # ENOSYS: no NOTIFY_STORE in this kernel; ENODEV/EBADF: unmounted.
+            log.info("putting files into the page cache ahead of reads is off: %s",
+                     exc.strerror or exc)
+            self.enabled = False
+        finally:
+            state.reads_in_flight -= 1
+            state.close_retired()
+
+
+def push_files(fd: int, sums: BlockSums, files: list[tuple[int, int, int, int]], push: Push,
+               run: _Run, step: int = 1) -> tuple[int, int]:
+    """Read each file's bytes from the tar file `fd`, check their blocks and push them
+    (blocking: a worker thread), in the order given (`step`: the reader's direction). Files
+    the reader has come to meanwhile (`run.last`, moved by the event loop) are left to its own
+    reads: the push goes on ahead of it. Files the kernel does not know are skipped. Returns
+    (files, bytes) pushed."""
+    window = _Window(fd, sums, backward=step < 0)
+    pushed = pushed_bytes = 0
+    for position, inode, offset, size in files:
+        if (position - run.last) * step <= 1:
+            continue  # read already, or about to be: its READ is on its way
+        data = window.get(offset, size)
+        try:
+            push(inode, 0, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            continue  # the kernel has no inode for it (not listed, or forgotten)
+        pushed += 1
+        pushed_bytes += size
+    return pushed, pushed_bytes
+
+
+class _Window:
+    """Checked blocks of a tar file, read WINDOW bytes at a time into one reused buffer."""
+
+    def __init__(self, fd: int, sums: BlockSums, backward: bool = False) -> None:
+        self._fd = fd
+        self._sums = sums
+        self._backward = backward  # files come in descending offsets: read up to them
+        self._buf = bytearray(WINDOW)
+        self._start = self._end = 0  # the bytes of the tar file in the buffer
+
+    def get(self, offset: int, size: int) -> memoryview:
+        """`size` bytes at `offset`, from checked blocks; raises Damaged."""
+        if offset + size > self._sums.sealed:
+            raise Damaged("a file of the index lies past the end of the checked data")
+        if not (self._start <= offset and offset + size <= self._end):
+            self._load(offset, size)
+        lo = offset - self._start
+        return memoryview(self._buf)[lo:lo + size]
+
+    def _load(self, offset: int, size: int) -> None:
+        first = offset >> BLOCK_SHIFT
+        last_end = (offset + size + BLOCK - 1) >> BLOCK_SHIFT << BLOCK_SHIFT
+        if self._backward:
+            first = min(first, max(0, last_end - WINDOW) >> BLOCK_SHIFT)
+        start = first << BLOCK_SHIFT
+        end = min(self._sums.sealed, max(start + WINDOW, last_end))
+        if end - start > len(self._buf):
+            self._buf = bytearray(end - start)
+        self._start = self._end = 0  # nothing valid until it is all checked
+        view = memoryview(self._buf)[:end - start]
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], start + got)
+            if n == 0:
+                break
+            got += n
+        for block in range(first, first + ((end - start + BLOCK - 1) >> BLOCK_SHIFT)):
+            lo = (block - first) << BLOCK_SHIFT
+            check_block(block, view[lo:min(lo + BLOCK, got)], self._sums)  # short reads too
+        self._start, self._end = start, end
