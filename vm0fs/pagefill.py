@@ -43,6 +43,7 @@ FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
 FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
 SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
 RUNS_KEPT = 256  # folders whose reading order is followed
+PUSH_THREADS = 2  # filling pages is the kernel's work, outside the GIL: two at a time
 WINDOW = 1 << 20  # bytes of the tar file read and checked at a time for a push
 
 Push = Callable[[int, int, Any], None]  # pyfuse3.notify_store(inode, offset, data)
@@ -73,7 +74,7 @@ class PageFill:
         self._runs: cachetools.LRUCache[tuple[int, int], _Run] = cachetools.LRUCache(RUNS_KEPT)
         self._jobs: deque[_Job] = deque()
         self._wake = trio.Event()
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(PUSH_THREADS)
         self.enabled = True
         self.files = 0  # pushed, for `vm0fs status` and the tests
         self.bytes = 0
@@ -156,10 +157,24 @@ class PageFill:
         try:
             if fd is None or sums is None or state.index is not index or not state.data_ready:
                 return
-            pushed, pushed_bytes = await trio.to_thread.run_sync(
-                push_files, fd, sums, files, self._push, job.run, step, limiter=self._limiter)
-            self.files += pushed
-            self.bytes += pushed_bytes
+            failures: list[Exception] = []
+
+            async def push_part(part: list[tuple[int, int, int, int]]) -> None:
+                try:
+                    pushed, pushed_bytes = await trio.to_thread.run_sync(
+                        push_files, fd, sums, part, self._push, job.run, step,
+                        limiter=self._limiter)
+                except (Damaged, OSError) as exc:
+                    failures.append(exc)
+                    return
+                self.files += pushed
+                self.bytes += pushed_bytes
+
+            async with trio.open_nursery() as nursery:
+                for part in halves(files, total):
+                    nursery.start_soon(push_part, part)
+            if failures:
+                raise failures[0]
         except Damaged as exc:
             log.debug("not pushing files of version %s: %s", state.version_id[:12], exc)
         except OSError as exc:
@@ -170,6 +185,19 @@ class PageFill:
         finally:
             state.reads_in_flight -= 1
             state.close_retired()
+
+
+def halves(files: list[tuple[int, int, int, int]], total: int
+           ) -> list[list[tuple[int, int, int, int]]]:
+    """The files in PUSH_THREADS runs of about the same bytes, each in the reader's order."""
+    if PUSH_THREADS < 2 or len(files) < 2:
+        return [files]
+    taken = 0
+    for i, (_, _, _, size) in enumerate(files):
+        taken += size
+        if taken >= total // 2:
+            return [files[:i + 1], files[i + 1:]] if i + 1 < len(files) else [files]
+    return [files]
 
 
 def push_files(fd: int, sums: BlockSums, files: list[tuple[int, int, int, int]], push: Push,
