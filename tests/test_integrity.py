@@ -229,6 +229,28 @@ def test_data_deleted_with_its_index_kept_heals(one_version: Any, mount_vm0fs: M
     assert cached_versions(m.cache_dir) == set()
 
 
+def test_the_whole_cache_folder_removed_under_a_mount(dev_server: Server,
+                                                       mount_vm0fs: MountFactory,
+                                                       tmp_path: Path) -> None:
+    """`rm -rf` of the cache folder while mounted: the mount lives on, a cached version is
+    still served (the mount holds its files open), and the next version fetched has a folder
+    to go to (made again) rather than EIO."""
+    first, second = version_of("run"), version_of("other")
+    [first_id] = write_artifact(tmp_path / "data", "run", [first])
+    [second_id] = write_artifact(tmp_path / "data", "other", [second])
+    srv = dev_server(tmp_path / "data")
+    m = mount_vm0fs(srv)
+    assert_like_tar(m, m.artifacts / "run" / first_id, first, tmp_path / "tar-1")
+    shutil.rmtree(m.cache_dir)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert_like_tar(m, m.artifacts / "other" / second_id, second, tmp_path / "tar-2")
+    assert_like_tar(m, m.artifacts / "run" / first_id, first, tmp_path / "tar-3")
+    assert m.proc.poll() is None
+    assert (m.cache_dir / "versions" / second_id / "data.tar").exists()
+    assert "was removed while in use" in m.log()
+    assert m.unmount() == 0
+
+
 def test_damaged_copy_while_the_api_is_down_is_eio_with_its_reason(
         one_version: Any, mount_vm0fs: MountFactory, tmp_path: Path) -> None:
     srv, version_id, data = one_version

@@ -213,10 +213,14 @@ class Cache:
         self._touched: dict[str, float] = {}  # when each folder's mtime was last set
         self._used: dict[str, float] = {}  # when this process last used each entry
         self.kept: list[tuple[str, int]] = []  # what the last evict left because it was open
+        self._writable = create
         state = ownership(root)
         self.exists = state != "missing"
-        if not create:
-            return
+        if create:
+            self._make(state)
+
+    def _make(self, state: str) -> None:
+        root = self.root
         try:
             if state == "missing":
                 root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -230,6 +234,17 @@ class Cache:
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {root}: {exc.strerror}") from None
         self.exists = True
+
+    def _remake(self) -> bool:
+        """The cache folder (or part of it) was removed under a running mount: make it again
+        (True), so that what is fetched next has a place; False when nothing is missing or
+        this Cache only looks."""
+        layout = (self.versions, self.staging, self.listings, self.mounts_dir)
+        if not self._writable or all(path.is_dir() for path in layout):
+            return False
+        log.warning("the cache folder %s was removed while in use: making it again", self.root)
+        self._make(ownership(self.root))
+        return True
 
     # -- who uses it ---------------------------------------------------------------------
 
@@ -366,6 +381,11 @@ class Cache:
         when it holds less free space than it keeps free."""
         try:
             disk = shutil.disk_usage(self.root)
+        except FileNotFoundError as exc:
+            if not self._remake():
+                raise CacheError(f"cannot use cache directory {self.root}: {exc.strerror}"
+                                 ) from None
+            disk = shutil.disk_usage(self.root)
         except OSError as exc:
             raise CacheError(f"cannot use cache directory {self.root}: {exc.strerror}") from None
         keep = int(disk.total * FREE_SHARE)
@@ -389,6 +409,8 @@ class Cache:
 
     def stage(self, version_id: str) -> Staging:
         path = self.staging / f"{version_id}.{os.getpid()}.{secrets.token_hex(4)}"
+        if not self.staging.exists():
+            self._remake()
         try:
             path.mkdir(mode=0o700)
             fd = os.open(path / DATA, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
