@@ -43,6 +43,7 @@ FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
 FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
 SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
 RUNS_KEPT = 256  # folders whose reading order is followed
+JOBS_QUEUED = 16  # pushes waiting their turn, at most
 PUSH_THREADS = 2  # filling pages is the kernel's work, outside the GIL: two at a time
 WINDOW = 1 << 20  # bytes of the tar file read and checked at a time for a push
 
@@ -118,6 +119,8 @@ class PageFill:
                 self._queue(_Job(state, index, folder, range(end - 1, start - 1, -1), run))
 
     def _queue(self, job: _Job) -> None:
+        if len(self._jobs) >= JOBS_QUEUED:  # the reader has long moved on from the oldest
+            self._jobs.popleft()
         self._jobs.append(job)
         self._wake.set()
 
