@@ -253,6 +253,10 @@ def status_text(status: dict[str, Any]) -> str:
         lines.append(f"listing-only:   {listing['total']} download(s) asked for by folder "
                      f"listings alone ({listing['at_once']} at a time, {listing['queued']} "
                      "queued)")
+    pushed = status.get("pushed_ahead") or {}
+    if pushed.get("files"):
+        lines.append(f"pushed ahead:   {pushed['files']} small file(s), {human(pushed['bytes'])}, "
+                     "put in the page cache before they were read")
     notice = status["notice"]
     if notice:
         lines += textwrap.wrap(f"{iso(notice['time'])} {notice['summary']}", width=100,
