@@ -67,7 +67,9 @@ def test_ranged_download_equals_tar(fault: str, big_version: bytes, dev_server: 
     if fault == "none":
         assert stats["blob_peak"] >= 2  # side by side
     if fault == "loopback":
-        assert blob_requests == 2  # the first part, then the rest in one stream
+        # Whether parts start is a throughput judgement (FAST_STREAM), which a busy machine
+        # can tip either way; test_ranged.py pins both outcomes. Here: the bytes, above.
+        assert blob_requests >= 2
     if fault == "range_ignored":
         assert blob_requests == 1  # the whole body in the first answer
     if fault == "link_expires":
