@@ -681,13 +681,14 @@ def test_download_403_from_blob_asks_for_a_fresh_link() -> None:
             return httpx.Response(403, text="<Error><SignatureProvided>SIGSECRET</Error>")
         return httpx.Response(200, content=DATA)
 
-    client, _, _ = make(blob_or_api(blob, api))
+    client, clock, _ = make(blob_or_api(blob, api))
 
     async def go() -> bytes:
         return await collect(client, "a1")
 
     assert run(go) == DATA
     assert links == 2
+    assert len(clock.sleeps) == 1  # a link refused before it brought anything: a backoff
 
 
 def test_download_link_expiring_midway_resumes_on_new_link() -> None:
@@ -712,13 +713,16 @@ def test_download_link_expiring_midway_resumes_on_new_link() -> None:
             headers={"ETag": '"v1"', "Content-Range": f"bytes 5000-{len(DATA) - 1}/{len(DATA)}"},
         )
 
-    client, _, _ = make(blob_or_api(blob, api), chunk_size=1000)
+    client, clock, _ = make(blob_or_api(blob, api), chunk_size=1000)
 
     async def go() -> bytes:
         return await collect(client, "a1")
 
     assert run(go) == DATA
     assert links == 2
+    # One backoff, for the cut body; the link that had brought bytes and was then refused
+    # has expired, and was replaced at once.
+    assert len(clock.sleeps) == 1
 
 
 def test_download_blob_5xx_retries_same_link() -> None:
@@ -1169,3 +1173,34 @@ def test_a_slow_download_that_moves_is_not_a_stall() -> None:
         return await collect(client, "a1", VID)
 
     assert trio.run(go) == DATA
+
+
+def test_links_that_answer_then_refuse_still_back_off_and_give_up() -> None:
+    """Every new link answers once with no bytes, then is refused: each refusal of a link that
+    answered asks for a new one at once, but the empty answers keep their backoff, so the
+    download gives up in its time budget instead of spinning."""
+    links = 0
+
+    def api(request: httpx.Request) -> httpx.Response:
+        nonlocal links
+        links += 1
+        return httpx.Response(302, headers={"Location": f"{BLOB}&n={links}"})
+
+    answered: set[str] = set()
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        n = request.url.params["n"]
+        if n in answered:
+            return httpx.Response(403)
+        answered.add(n)
+        return httpx.Response(200, headers={"Content-Length": str(len(DATA))},
+                              stream=BrokenStream(DATA, 0))
+
+    client, clock, _ = make(blob_or_api(blob, api), retry_time=2.0)
+
+    async def go() -> bytes:
+        return await collect(client, "a1")
+
+    with pytest.raises(Unavailable):
+        run(go)
+    assert sum(clock.sleeps) <= 2.0 + 1e-9 and links >= 2

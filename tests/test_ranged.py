@@ -38,6 +38,7 @@ class Store:
         self.etag = '"e1"'
         self.links = 0  # links the API handed out
         self.api_requests = 0
+        self.clock: Any = None  # the client's FakeClock (client_for): its sleeps are backoffs
         self.blob: list[httpx.Request] = []
         self.active = self.peak = 0  # bodies being sent at once
         self.ignore_range = False
@@ -108,7 +109,7 @@ class Store:
 
 
 def client_for(store: Store) -> ApiClient:
-    client, _, _ = make(store.handler, chunk_size=16 << 10)
+    client, store.clock, _ = make(store.handler, chunk_size=16 << 10)
     return client
 
 
@@ -271,6 +272,7 @@ def test_expired_link_is_replaced_once() -> None:
     parts = -(-len(OBJECT) // PART)
     assert store.api_requests == parts // 5 + 1
     assert all(store.uses[sig] <= 5 + vm0fs.api.PARTS_IN_FLIGHT for sig in store.uses)
+    assert store.clock.sleeps == []  # an expired link is replaced at once, with no backoff
 
 
 def test_single_stream_download_is_unchanged() -> None:

@@ -413,6 +413,7 @@ class _Links:
     the blob host refuses it, the others wait and take it."""
 
     link: httpx.URL | None = None
+    worked: httpx.URL | None = None  # the last link the blob host answered with bytes
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -428,6 +429,7 @@ class _Download:
     validator: str | None = None  # what we send as If-Range (strong ETag or Last-Modified)
     link: httpx.URL | None = None  # presigned URL; None means "ask the API for one"
     refused: httpx.URL | None = None  # the link the blob host refused last
+    worked: httpx.URL | None = None  # the last link the blob host answered with bytes
     shared: _Links | None = None
     part: bool = False  # one of several parts: anything but its exact range raises _NoRanges
     plain: bool = False  # send no Range: the server mangles them (skip what we hold)
@@ -920,6 +922,10 @@ class ApiClient:
             self._answered = self._answered or from_api
             status = resp.status_code
             if status in (200, 206):
+                if not from_api:
+                    st.worked = st.link
+                    if st.shared is not None:
+                        st.shared.worked = st.link
                 return resp
             try:
                 if status in _REDIRECTS:
@@ -936,8 +942,15 @@ class ApiClient:
                     raise self._api_failure(resp, where)
                 # The object store: never show its body (S3 errors echo the signature).
                 if status in (400, 401, 403):
-                    # An expired or rejected presigned link: ask for a new one.
+                    # An expired or rejected presigned link: ask for a new one. One that has
+                    # brought bytes has expired: ask at once. A new one refused before it has
+                    # brought any waits its backoff (a host that refuses every link).
+                    expired = st.link in (st.worked, st.shared.worked if st.shared else None)
                     st.refused, st.link = st.link, None
+                    if expired:
+                        log.info("%s: HTTP %d, the presigned link has expired: asking for a "
+                                 "new one", where, status)
+                        raise _Fallback()
                     raise _Retry(f"{where}: HTTP {status}, presigned link refused")
                 if status == 404:
                     raise NotFound(f"{where}: archive not found", status=status)
