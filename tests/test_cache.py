@@ -6,7 +6,9 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
+import vm0fs.cache
 from vm0fs.archive import FILE, Member
 from vm0fs.cache import Cache
 from vm0fs.tree import TreeBuilder
@@ -133,3 +135,27 @@ def test_use_in_this_process_orders_eviction(tmp_path: Path) -> None:
     publish(cache, "c", bytes(1000))
     cache.evict()
     assert sorted(p.name for p in cache.versions.iterdir()) == ["a", "c"]
+
+
+def test_usage_follows_entries_added_removed_and_changed_in_place(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """Sizes are remembered by folder between checks of the cap; a folder that changes is
+    counted again, and a file changed in place (its folder untouched) within SIZE_MEMO_AGE."""
+    cache = Cache(tmp_path / "cache")
+    publish(cache, "v1", b"a" * 1000)
+    publish(cache, "v2", b"b" * 3000)
+    first = cache.usage()
+    assert cache.usage() == first  # from the memo
+    publish(cache, "v3", b"c" * 500)
+    third = cache.usage() - first
+    assert third >= 500
+    for name in os.listdir(cache.versions / "v2"):  # as `rm -rf` by hand would
+        os.unlink(cache.versions / "v2" / name)
+    os.rmdir(cache.versions / "v2")
+    assert cache.usage() < first + third - 3000 + 1
+    data = cache.versions / "v1" / "data.tar"
+    before = cache.usage()
+    size = data.stat().st_size
+    os.truncate(data, 0)  # damaged in place: the folder's stat does not change
+    monkeypatch.setattr(vm0fs.cache, "SIZE_MEMO_AGE", 0.0)
+    assert cache.usage() == before - size
