@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,14 +228,21 @@ def push_files(fd: int, sums: BlockSums, files: list[tuple[int, int, int, int]],
     return pushed, pushed_bytes
 
 
+_buffers = threading.local()  # each push thread's window buffer, kept from job to job
+
+
 class _Window:
-    """Checked blocks of a tar file, read WINDOW bytes at a time into one reused buffer."""
+    """Checked blocks of a tar file, read WINDOW bytes at a time into one reused buffer (the
+    thread's: a new one each job cost a fault of every page and a memset of it)."""
 
     def __init__(self, fd: int, sums: BlockSums, backward: bool = False) -> None:
         self._fd = fd
         self._sums = sums
         self._backward = backward  # files come in descending offsets: read up to them
-        self._buf = bytearray(WINDOW)
+        buf = getattr(_buffers, "buf", None)
+        if buf is None:
+            buf = _buffers.buf = bytearray(WINDOW)
+        self._buf: bytearray = buf
         self._start = self._end = 0  # the bytes of the tar file in the buffer
 
     def get(self, offset: int, size: int) -> memoryview:
@@ -254,7 +262,7 @@ class _Window:
         start = first << BLOCK_SHIFT
         end = min(self._sums.sealed, max(start + WINDOW, last_end))
         if end - start > len(self._buf):
-            self._buf = bytearray(end - start)
+            self._buf = bytearray(end - start)  # this job's alone: the thread's stays WINDOW
         self._start = self._end = 0  # nothing valid until it is all checked
         view = memoryview(self._buf)[:end - start]
         got = 0
