@@ -45,10 +45,14 @@ class Recorder:
         self.order: list[int] = []
         self.unknown: set[int] = set()  # inodes the "kernel" does not know
 
+        self.rests: dict[int, tuple[int, bytes]] = {}  # the rest of a file its read began
+
     def __call__(self, inode: int, offset: int, data: Any) -> None:
-        assert offset == 0
         if inode in self.unknown:
             raise OSError(errno.ENOENT, "no such inode")
+        if offset:
+            self.rests[inode] = (offset, bytes(data))
+            return
         self.pushed[inode] = bytes(data)
         self.order.append(inode)
 
@@ -224,3 +228,27 @@ def test_a_job_is_pushed_in_two_runs_of_about_the_same_bytes() -> None:
     assert first + second == files  # each in the reader's order
     assert abs(sum(f[3] for f in first) - sum(f[3] for f in second)) < 2 * files[-1][3]
     assert pagefill.halves(files[:1], 1000) == [files[:1]]
+
+
+def test_a_first_read_shorter_than_a_small_file_pushes_the_rest_before_it_is_answered(
+        tmp_path: Path) -> None:
+    """rg reads 3 bytes first, and the kernel asks 16 KiB: the rest of the file is pushed
+    before that READ is answered, so that the next read does not ask again. Only from a page
+    boundary, and only for small files."""
+    async def test(h: Harness, rec: Recorder) -> None:
+        numbers = await inodes(h)
+        by_number = {n: inode for inode, n in numbers.items()}
+        chunk = 16 << 10
+        for n in (1, 5, 12):  # 15 KB (whole in one read), 55 KB, 125 KB
+            data = await h.ops.read(by_number[n], 0, chunk)
+            assert bytes(data) == body(n)[:chunk]
+        assert set(rec.rests) == {by_number[5], by_number[12]}
+        for n in (5, 12):
+            assert rec.rests[by_number[n]] == (chunk, body(n)[chunk:])
+        assert h.ops.fill.rests == 2
+        # Not from inside a page, nor for a file past REST_FILE_MAX (204 KB).
+        await h.ops.read(by_number[7], 0, 1000)
+        await h.ops.read(by_number[20], 0, chunk)
+        assert set(rec.rests) == {by_number[5], by_number[12]}
+
+    with_fill(tmp_path, logs_client(), test)

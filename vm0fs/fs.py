@@ -42,7 +42,7 @@ from vm0fs.namespace import (
     VersionDir,
     ns,
 )
-from vm0fs.pagefill import FILL_FILE_MAX, PageFill
+from vm0fs.pagefill import FILL_FILE_MAX, REST_FILE_MAX, PageFill
 from vm0fs.tree import (
     ROOT_ENTRY,
     VERSION_INODES,
@@ -153,7 +153,8 @@ class Operations(pyfuse3.Operations):
                                mounted_at=self.mounted_at,
                                recent_errors=recent_errors or RecentErrors(),
                                pushed=lambda: {"files": self.fill.files,
-                                               "bytes": self.fill.bytes})
+                                               "bytes": self.fill.bytes,
+                                               "rests_of_files": self.fill.rests})
         self._handles: dict[int, Any] = {}  # classic mode only
         self._next_handle = 1
         # Stateless mode: readdir entries of recently listed folders, so that the calls of
@@ -543,7 +544,13 @@ class Operations(pyfuse3.Operations):
             self.fill.read_from_start(state, node.entry)  # the next files may be pushed ahead
         # Big files are mostly read through: the first read asks the disk for the rest too.
         ahead = min(node.size, READAHEAD_MAX) if off == 0 and node.size >= READAHEAD_MIN else 0
-        return await self._read_range(node, node.offset + off, end - off, ahead)
+        data = await self._read_range(node, node.offset + off, end - off, ahead)
+        if off == 0 and end < node.size <= REST_FILE_MAX:
+            # A first read that asked for less than the small file (rg reads 3 bytes first,
+            # and the kernel asks 16 KiB): the rest goes into the page cache before this read
+            # is answered, so that the next one finds it there instead of asking again.
+            await self.fill.rest_of_file(state, node.entry, end)
+        return data
 
     async def _read_range(self, node: File, start: int, length: int, ahead: int = 0
                           ) -> bytes | memoryview:

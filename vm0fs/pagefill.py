@@ -40,6 +40,9 @@ from vm0fs.tree import TreeIndex
 log = logging.getLogger(__name__)
 
 FILL_FILE_MAX = 256 << 10  # bigger files get the kernel's own readahead: few reads a file
+# The rest of a file whose first read asked for less is pushed up to this size: what a reader
+# of only the files' first lines (`head -1 *`, `file *`) pays for each file stays small.
+REST_FILE_MAX = 128 << 10
 FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
 FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
 SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
@@ -47,6 +50,7 @@ RUNS_KEPT = 256  # folders whose reading order is followed
 JOBS_QUEUED = 16  # pushes waiting their turn, at most
 PUSH_THREADS = 2  # filling pages is the kernel's work, outside the GIL: two at a time
 WINDOW = 1 << 20  # bytes of the tar file read and checked at a time for a push
+PAGE = os.sysconf("SC_PAGE_SIZE")  # a push that starts inside a page: left to the READ
 
 Push = Callable[[int, int, Any], None]  # pyfuse3.notify_store(inode, offset, data)
 
@@ -77,9 +81,11 @@ class PageFill:
         self._jobs: deque[_Job] = deque()
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(PUSH_THREADS)
+        self._rest_limiter = trio.CapacityLimiter(PUSH_THREADS)
         self.enabled = True
         self.files = 0  # pushed, for `vm0fs status` and the tests
         self.bytes = 0
+        self.rests = 0  # files whose rest was pushed at their first read
 
     def read_from_start(self, state: Any, entry: int) -> None:
         """A read at offset 0 of the small file `entry` of a version whose data is all in.
@@ -118,6 +124,37 @@ class PageFill:
                     run.high = end
                 run.low = start
                 self._queue(_Job(state, index, folder, range(end - 1, start - 1, -1), run))
+
+    async def rest_of_file(self, state: Any, entry: int, start: int) -> None:
+        """Push the small file `entry` from `start` (a page boundary: what its first read
+        asked for ends there) to its end, now, in a worker thread of its own (the push
+        threads may be busy with a folder). Skipped where a push could not be whole."""
+        index = state.index
+        if (not self.enabled or start % PAGE or not isinstance(index, TreeIndex)
+                or not state.data_ready):
+            return
+        fd, sums = state.fd, state.sums
+        if fd is None or sums is None:
+            return
+        size, offset = index.size(entry), index.offset(entry)
+        if size > REST_FILE_MAX:
+            return
+        state.reads_in_flight += 1  # eviction must not close the descriptor meanwhile
+        try:
+            if await trio.to_thread.run_sync(push_rest, fd, sums, state.base + entry,
+                                             offset, start, size, self._push,
+                                             limiter=self._rest_limiter):
+                self.rests += 1
+        except Damaged as exc:
+            log.debug("not pushing the rest of a file of version %s: %s",
+                      state.version_id[:12], exc)
+        except OSError as exc:
+            log.info("putting files into the page cache ahead of reads is off: %s",
+                     exc.strerror or exc)
+            self.enabled = False
+        finally:
+            state.reads_in_flight -= 1
+            state.close_retired()
 
     def _queue(self, job: _Job) -> None:
         if len(self._jobs) >= JOBS_QUEUED:  # the reader has long moved on from the oldest
@@ -229,6 +266,20 @@ def push_files(fd: int, sums: BlockSums, files: list[tuple[int, int, int, int]],
 
 
 _buffers = threading.local()  # each push thread's window buffer, kept from job to job
+
+
+def push_rest(fd: int, sums: BlockSums, inode: int, offset: int, start: int, size: int,
+              push: Push) -> bool:
+    """Push bytes [start, size) of the file at `offset` in the tar file `fd`, checked
+    (blocking: a worker thread); False when the kernel does not know the inode."""
+    data = _Window(fd, sums).get(offset + start, size - start)
+    try:
+        push(inode, start, data)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return False
+    return True
 
 
 class _Window:
