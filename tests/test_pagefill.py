@@ -239,16 +239,17 @@ def test_a_first_read_shorter_than_a_small_file_pushes_the_rest_before_it_is_ans
         numbers = await inodes(h)
         by_number = {n: inode for inode, n in numbers.items()}
         chunk = 16 << 10
-        for n in (1, 5, 12):  # 15 KB (whole in one read), 55 KB, 125 KB
+        for n in (1, 2, 5):  # 15 KB (whole in one read), 25 KB, 55 KB
             data = await h.ops.read(by_number[n], 0, chunk)
             assert bytes(data) == body(n)[:chunk]
-        assert set(rec.rests) == {by_number[5], by_number[12]}
-        for n in (5, 12):
+        assert set(rec.rests) == {by_number[2], by_number[5]}
+        for n in (2, 5):
             assert rec.rests[by_number[n]] == (chunk, body(n)[chunk:])
         assert h.ops.fill.rests == 2
-        # Not from inside a page, nor for a file past REST_FILE_MAX (204 KB).
-        await h.ops.read(by_number[7], 0, 1000)
-        await h.ops.read(by_number[20], 0, chunk)
-        assert set(rec.rests) == {by_number[5], by_number[12]}
+        # Not from inside a page, nor for a file past REST_FILE_MAX (125 KB).
+        assert len(body(12)) > pagefill.REST_FILE_MAX
+        await h.ops.read(by_number[4], 0, 1000)
+        await h.ops.read(by_number[12], 0, chunk)
+        assert set(rec.rests) == {by_number[2], by_number[5]}
 
     with_fill(tmp_path, logs_client(), test)

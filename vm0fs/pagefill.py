@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 FILL_FILE_MAX = 256 << 10  # bigger files get the kernel's own readahead: few reads a file
 # The rest of a file whose first read asked for less is pushed up to this size: what a reader
 # of only the files' first lines (`head -1 *`, `file *`) pays for each file stays small.
-REST_FILE_MAX = 128 << 10
+REST_FILE_MAX = 64 << 10
 FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
 FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
 SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
@@ -272,7 +272,7 @@ def push_rest(fd: int, sums: BlockSums, inode: int, offset: int, start: int, siz
               push: Push) -> bool:
     """Push bytes [start, size) of the file at `offset` in the tar file `fd`, checked
     (blocking: a worker thread); False when the kernel does not know the inode."""
-    data = _Window(fd, sums).get(offset + start, size - start)
+    data = _Window(fd, sums, reach=0).get(offset + start, size - start)  # its blocks alone
     try:
         push(inode, start, data)
     except OSError as exc:
@@ -286,10 +286,12 @@ class _Window:
     """Checked blocks of a tar file, read WINDOW bytes at a time into one reused buffer (the
     thread's: a new one each job cost a fault of every page and a memset of it)."""
 
-    def __init__(self, fd: int, sums: BlockSums, backward: bool = False) -> None:
+    def __init__(self, fd: int, sums: BlockSums, backward: bool = False,
+                 reach: int = WINDOW) -> None:
         self._fd = fd
         self._sums = sums
         self._backward = backward  # files come in descending offsets: read up to them
+        self._reach = reach  # bytes read at a time at least: the next files' too
         buf = getattr(_buffers, "buf", None)
         if buf is None:
             buf = _buffers.buf = bytearray(WINDOW)
@@ -309,9 +311,9 @@ class _Window:
         first = offset >> BLOCK_SHIFT
         last_end = (offset + size + BLOCK - 1) >> BLOCK_SHIFT << BLOCK_SHIFT
         if self._backward:
-            first = min(first, max(0, last_end - WINDOW) >> BLOCK_SHIFT)
+            first = min(first, max(0, last_end - self._reach) >> BLOCK_SHIFT)
         start = first << BLOCK_SHIFT
-        end = min(self._sums.sealed, max(start + WINDOW, last_end))
+        end = min(self._sums.sealed, max(start + self._reach, last_end))
         if end - start > len(self._buf):
             self._buf = bytearray(end - start)  # this job's alone: the thread's stays WINDOW
         self._start = self._end = 0  # nothing valid until it is all checked
