@@ -21,13 +21,14 @@ a request handler.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,16 +140,24 @@ class PageFill:
         size, offset = index.size(entry), index.offset(entry)
         if size > REST_FILE_MAX:
             return
-        state.reads_in_flight += 1  # eviction must not close the descriptor meanwhile
-        try:
+        with self._pushing(state):
             if await trio.to_thread.run_sync(push_rest, fd, sums, state.base + entry,
                                              offset, start, size, self._push,
                                              limiter=self._rest_limiter):
                 self.rests += 1
+
+    @contextlib.contextmanager
+    def _pushing(self, state: Any) -> Iterator[None]:
+        """Around a push from the version's descriptor: kept from eviction meanwhile; a
+        damaged block stops the push (the read path finds it and fetches the version again),
+        and any other error turns pushing off."""
+        state.reads_in_flight += 1  # eviction must not close the descriptor meanwhile
+        try:
+            yield
         except Damaged as exc:
-            log.debug("not pushing the rest of a file of version %s: %s",
-                      state.version_id[:12], exc)
+            log.debug("not pushing files of version %s: %s", state.version_id[:12], exc)
         except OSError as exc:
+            # ENOSYS: no NOTIFY_STORE in this kernel; ENODEV/EBADF: unmounted.
             log.info("putting files into the page cache ahead of reads is off: %s",
                      exc.strerror or exc)
             self.enabled = False
@@ -193,9 +202,8 @@ class PageFill:
                 total += size
         if not files:
             return
-        state.reads_in_flight += 1  # eviction must not close the descriptor meanwhile
         fd, sums = state.fd, state.sums
-        try:
+        with self._pushing(state):
             if fd is None or sums is None or state.index is not index or not state.data_ready:
                 return
             failures: list[Exception] = []
@@ -216,16 +224,6 @@ class PageFill:
                     nursery.start_soon(push_part, part)
             if failures:
                 raise failures[0]
-        except Damaged as exc:
-            log.debug("not pushing files of version %s: %s", state.version_id[:12], exc)
-        except OSError as exc:
-            # ENOSYS: no NOTIFY_STORE in this kernel; ENODEV/EBADF: unmounted.
-            log.info("putting files into the page cache ahead of reads is off: %s",
-                     exc.strerror or exc)
-            self.enabled = False
-        finally:
-            state.reads_in_flight -= 1
-            state.close_retired()
 
 
 def halves(files: list[tuple[int, int, int, int]], total: int
