@@ -109,7 +109,8 @@ class Fetch:
             if on_members is None or self.members - sent < (1 if flush else PUBLISH_BATCH):
                 return
             sent = self.members
-            trio.from_thread.run_sync(on_members, trio_token=token)
+            # Not waited for: the event loop only wakes the waiters, the parser goes on.
+            token.run_sync_soon(on_members, idempotent=True)
 
         def parse() -> None:
             def add(member: Member) -> None:
