@@ -143,13 +143,13 @@ LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "INFO", "WARN", "ERROR")
 class TarGzWriter:
     """A deterministic .tar.gz: no gzip timestamp or name, fixed owners and mtimes."""
 
-    def __init__(self, path: Path, dir_entries: bool = True) -> None:
+    def __init__(self, path: Path, dir_entries: bool = True, compresslevel: int = 6) -> None:
         self.path = path
         self.dir_entries = dir_entries
         self.partial = path.with_name(path.name + ".partial")
         self._raw = self.partial.open("wb")
         self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
-                                 compresslevel=6)
+                                 compresslevel=compresslevel)
         self._tar = tarfile.open(  # noqa: SIM115 - closed by close()
             fileobj=self._gz, mode="w", format=tarfile.PAX_FORMAT)
         self._dirs: set[str] = set()

@@ -1,6 +1,7 @@
 """Measure the memory of a vm0fs mount as it sees more and more versions.
 
-    scripts/memory [--work-dir DIR] [--versions N] [--entries N] [--huge N] [--json PATH]
+    scripts/memory [--work-dir DIR] [--versions N] [--entries N] [--huge N] [--big-mib N]
+                   [--only PHASE,...] [--json PATH]
 
 It builds its own data (seeded, reused while the generator stays the same), serves it with
 `vm0fs dev-server`, mounts with a fresh cache and reads the mount process's /proc status:
@@ -13,16 +14,22 @@ It builds its own data (seeded, reused while the generator stays the same), serv
   huge      peak RSS (VmHWM) of a fresh mount while it downloads, indexes and `find -ls` walks
             one version of --huge entries (300,000), and of a second mount that loads the same
             version from the cache.
+  ranged    peak RSS of a fresh mount while it downloads a version of --big-mib MiB (1,024:
+            16 files of random bytes, which do not compress) in ranged parts, on loopback and
+            with each blob connection capped as the bench caps it (25 MB/s, 30 ms to the first
+            byte); two of its files are then read back and checked against their sha256.
 
 RSS counts the index pages that are mapped (file-backed, `RssFile`) as well as the heap.
 Targets (issue 11): under 100 MB after 12 versions, under 10 MB more for 12 more, a peak under
-150 MB for the 300,000-entry version. Exit status 0 when every phase ran, 1 when one failed.
+150 MB for the 300,000-entry version; (issue 16) a peak under 150 MB for the ranged download.
+Exit status 0 when every phase ran, 1 when one failed.
 Everything this script mounts or starts is unmounted and stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -37,7 +44,8 @@ import bench  # noqa: E402 - the benchmark's data writer, processes and clean-up
 from bench import BenchError, Processes, TarGzWriter, say  # noqa: E402
 
 SEED = 20261130
-DATA_FORMAT = 1  # bump when the generator changes: the data is rebuilt
+DATA_FORMAT = 2  # bump when the generator changes: the data is rebuilt
+BIG_FILES = 16  # files of the ranged-download version (random bytes: nothing to compress)
 SETTLE = 15.0  # seconds for the mount to let go of what the kernel forgot (TRIM_INTERVAL + GRACE)
 FIND_TIMEOUT = 900.0
 
@@ -57,9 +65,23 @@ def write_version(path: Path, entries: int, rng: random.Random) -> int:
     return out.files + len(folders)
 
 
-def prepare(root: Path, versions: int, entries: int, huge: int) -> dict[str, Any]:
+def write_big(path: Path, mib: int, rng: random.Random) -> dict[str, str]:
+    """A version of BIG_FILES files of random bytes, `mib` MiB in all; their sha256 by path."""
+    out = TarGzWriter(path, compresslevel=1)  # random bytes: level 1 stores them as fast
+    sums = {}
+    for i in range(BIG_FILES):
+        data = rng.randbytes((mib << 20) // BIG_FILES)
+        name = f"blobs/part-{i:02d}.bin"
+        out.add(name, data)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    out.close()
+    return sums
+
+
+def prepare(root: Path, versions: int, entries: int, huge: int, big_mib: int
+            ) -> dict[str, Any]:
     key = {"format": DATA_FORMAT, "seed": SEED, "versions": versions, "entries": entries,
-           "huge": huge}
+           "huge": huge, "big_mib": big_mib}
     manifest_path = root / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -80,7 +102,10 @@ def prepare(root: Path, versions: int, entries: int, huge: int) -> dict[str, Any
     folder = root / "data" / "huge"
     folder.mkdir(parents=True, exist_ok=True)
     sizes["huge"] = write_version(folder / "v1.tar.gz", huge, random.Random(SEED - 1))
-    manifest = {"key": key, "entries": sizes}
+    folder = root / "data" / "big"
+    folder.mkdir(parents=True, exist_ok=True)
+    big = write_big(folder / "v1.tar.gz", big_mib, random.Random(SEED - 2))
+    manifest = {"key": key, "entries": sizes, "big": big}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -143,6 +168,7 @@ class Run:
         self.scratch = self.work / "run"
         self.procs = Processes()
         self.rows: list[tuple[str, float, str, bool | None]] = []
+        self.manifest: dict[str, Any] = {}
 
     def row(self, what: str, mb: float, target: float | None = None) -> None:
         ok = None if target is None else mb < target
@@ -196,21 +222,58 @@ class Run:
                 bench.remove_tree(self.scratch / name)
             mountpoint, pid = self.mount(name, server)
             folder = mountpoint / "artifacts" / "huge"
-            (vid,) = [v for v in os.listdir(folder) if v != "current"]
+            vid = os.readlink(folder / "current")
             entries = find(folder / vid)
             self.row(f"peak RSS, {entries} entries ({label} + find -ls)",
                      proc_status(pid)["VmHWM"], 150)
             self.procs.unmount_vm0fs(mountpoint)
 
+    def ranged(self, server: bench.Server) -> None:
+        """Peak RSS while a big version comes down in ranged parts; its bytes checked after."""
+        sums: dict[str, str] = self.manifest["big"]
+        for network, faults in (("loopback", {}), ("capped", bench.NETWORK)):
+            bench.http_json(f"{server.url}/_dev/faults", "POST",
+                            {"bandwidth": 0, "blob_ttfb_ms": 0} | faults)
+            name = f"ranged-{network}"
+            bench.remove_tree(self.scratch / name)
+            mountpoint, pid = self.mount(name, server)
+            try:
+                artifact = mountpoint / "artifacts" / "big"
+                folder = artifact / os.readlink(artifact / "current")  # find does not follow
+                before = bench.http_json(f"{server.url}/_dev/stats")
+                started = time.monotonic()
+                entries = find(folder)  # the listing needs the whole archive
+                took = time.monotonic() - started
+                after = bench.http_json(f"{server.url}/_dev/stats")
+                for path in sorted(sums)[:: len(sums) - 1]:  # the first and the last file
+                    digest = hashlib.sha256((folder / path).read_bytes()).hexdigest()
+                    if digest != sums[path]:
+                        raise BenchError(f"{path} read back with sha256 {digest}, "
+                                         f"not {sums[path]}")
+                peak = proc_status(pid)["VmHWM"]
+            finally:
+                bench.http_json(f"{server.url}/_dev/faults", "POST",
+                                {"bandwidth": 0, "blob_ttfb_ms": 0})
+                self.procs.unmount_vm0fs(mountpoint)
+            self.row(f"peak RSS, ranged download of {self.args.big_mib} MiB, {network}",
+                     peak, 150)
+            blobs = after["requests"]["blob"] - before["requests"]["blob"]
+            say(f"    ({entries} entries listed after {took:.1f} s, {blobs} blob requests, "
+                f"{after['blob_peak']} at once at most so far; two files checked)")
+
     def run(self) -> int:
-        prepare(self.work, self.args.versions, self.args.entries, self.args.huge)
+        self.manifest = prepare(self.work, self.args.versions, self.args.entries,
+                                self.args.huge, self.args.big_mib)
         bench.remove_tree(self.scratch)
         self.scratch.mkdir(parents=True)
         failed = False
         try:
             server = self.procs.start_server(self.work / "data", self.scratch / "server.log")
             warm_up(server)
-            for phase in (self.versions, self.huge):
+            phases = [self.versions, self.huge, self.ranged]
+            if self.args.only:
+                phases = [p for p in phases if p.__name__ in self.args.only.split(",")]
+            for phase in phases:
                 say(f"{phase.__name__}:")
                 try:
                     phase(server)
@@ -236,6 +299,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--versions", type=int, default=12)
     p.add_argument("--entries", type=int, default=30_000)
     p.add_argument("--huge", type=int, default=300_000)
+    p.add_argument("--big-mib", type=int, default=1024)
+    p.add_argument("--only", help="phases to run, comma-separated: versions,huge,ranged")
     p.add_argument("--json")
     args = p.parse_args(argv)
     try:
