@@ -1175,6 +1175,38 @@ def test_a_slow_download_that_moves_is_not_a_stall() -> None:
     assert trio.run(go) == DATA
 
 
+def test_the_same_link_handed_out_again_after_it_expired_backs_off_and_gives_up() -> None:
+    """An API that caches its presigned links hands the expired one out again: that link was
+    replaced once, so its next refusal backs off and the budget ends the download (it asked
+    the API for ever, with no pause, when a link that had brought bytes was always new)."""
+    links = 0
+
+    def api(request: httpx.Request) -> httpx.Response:
+        nonlocal links
+        links += 1
+        return httpx.Response(302, headers={"Location": f"{BLOB}&n=1"})
+
+    blob_requests = 0
+
+    def blob(request: httpx.Request) -> httpx.Response:
+        nonlocal blob_requests
+        blob_requests += 1
+        if blob_requests == 1:
+            return httpx.Response(200, headers={"ETag": '"v1"', "Content-Length": str(len(DATA))},
+                                  stream=BrokenStream(DATA, 5000))
+        return httpx.Response(403)
+
+    client, clock, _ = make(blob_or_api(blob, api), chunk_size=1000, retry_time=2.0)
+
+    async def go() -> bytes:
+        return await collect(client, "a1")
+
+    with pytest.raises(Unavailable):
+        run(go)
+    assert links < 50 and sum(clock.sleeps) <= 2.0 + 1e-9
+    assert len(clock.sleeps) >= 2  # the cut body, then the link refused again
+
+
 def test_links_that_answer_then_refuse_still_back_off_and_give_up() -> None:
     """Every new link answers once with no bytes, then is refused: each refusal of a link that
     answered asks for a new one at once, but the empty answers keep their backoff, so the

@@ -950,6 +950,11 @@ class ApiClient:
                     if expired:
                         log.info("%s: HTTP %d, the presigned link has expired: asking for a "
                                  "new one", where, status)
+                        # Once per link: one handed out again (an API that caches them) and
+                        # refused again backs off, and the budget ends it.
+                        st.worked = None
+                        if st.shared is not None and st.shared.worked == st.refused:
+                            st.shared.worked = None
                         raise _Fallback()
                     raise _Retry(f"{where}: HTTP {status}, presigned link refused")
                 if status == 404:
