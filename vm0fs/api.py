@@ -429,6 +429,7 @@ class _Download:
     validator: str | None = None  # what we send as If-Range (strong ETag or Last-Modified)
     link: httpx.URL | None = None  # presigned URL; None means "ask the API for one"
     refused: httpx.URL | None = None  # the link the blob host refused last
+    replaced: httpx.URL | None = None  # the last link given up as expired (asked again at once)
     worked: httpx.URL | None = None  # the last link the blob host answered with bytes
     shared: _Links | None = None
     part: bool = False  # one of several parts: anything but its exact range raises _NoRanges
@@ -945,16 +946,15 @@ class ApiClient:
                     # An expired or rejected presigned link: ask for a new one. One that has
                     # brought bytes has expired: ask at once. A new one refused before it has
                     # brought any waits its backoff (a host that refuses every link).
-                    expired = st.link in (st.worked, st.shared.worked if st.shared else None)
+                    # Once per link: one handed out again (an API that caches them) and
+                    # refused again backs off, and the retry budget ends it.
+                    expired = (st.link != st.replaced
+                               and st.link in (st.worked, st.shared.worked if st.shared else None))
                     st.refused, st.link = st.link, None
                     if expired:
                         log.info("%s: HTTP %d, the presigned link has expired: asking for a "
                                  "new one", where, status)
-                        # Once per link: one handed out again (an API that caches them) and
-                        # refused again backs off, and the budget ends it.
-                        st.worked = None
-                        if st.shared is not None and st.shared.worked == st.refused:
-                            st.shared.worked = None
+                        st.replaced = st.refused
                         raise _Fallback()
                     raise _Retry(f"{where}: HTTP {status}, presigned link refused")
                 if status == 404:
