@@ -5,6 +5,7 @@ kernel's NOTIFY_STORE replaced by a recorder. Every byte pushed is compared with
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,38 @@ def test_a_first_read_shorter_than_a_small_file_pushes_the_rest_before_it_is_ans
         assert set(rec.rests) == {by_number[2], by_number[5]}
 
     with_fill(tmp_path, logs_client(), test)
+
+
+def test_a_first_read_waits_for_the_rest_of_its_file_a_little_never_for_good(
+        tmp_path: Path) -> None:
+    """The push of a rest blocks while a page of it is locked by a READ in flight, and that
+    READ may wait for a free request task: the first read is answered after REST_WAIT anyway,
+    and the push ends later, its bytes whole."""
+    release = threading.Event()
+
+    async def test(h: Harness, rec: Recorder) -> None:
+        numbers = await inodes(h)
+        by_number = {n: inode for inode, n in numbers.items()}
+        inner = h.ops.fill._push
+
+        def blocked(inode: int, offset: int, data: Any) -> None:
+            assert release.wait(30)  # the kernel, waiting for a page lock
+            inner(inode, offset, data)
+
+        h.ops.fill._push = blocked
+        chunk = 16 << 10
+        data = await h.ops.read(by_number[5], 0, chunk)
+        assert bytes(data) == body(5)[:chunk]
+        assert rec.rests == {} and h.ops.fill.rests == 0  # answered while the push waits
+        release.set()
+        for _ in range(300):
+            await trio.sleep(0.01)
+            if h.ops.fill.rests:
+                break
+        assert rec.rests == {by_number[5]: (chunk, body(5)[chunk:])}
+        assert h.ops.fill.rests == 1
+
+    try:
+        with_fill(tmp_path, logs_client(), test)
+    finally:
+        release.set()

@@ -44,6 +44,8 @@ FILL_FILE_MAX = 256 << 10  # bigger files get the kernel's own readahead: few re
 # The rest of a file whose first read asked for less is pushed up to this size: what a reader
 # of only the files' first lines (`head -1 *`, `file *`) pays for each file stays small.
 REST_FILE_MAX = 64 << 10
+REST_WAIT = 0.5  # seconds a first read waits for the rest of its file, at most...
+REST_QUEUED = 4  # ...and rest pushes waiting for a thread, at most (more: answered at once)
 FILL_AHEAD_FILES = 1024  # files pushed ahead of the reader at one time...
 FILL_AHEAD_BYTES = 16 << 20  # ...and bytes
 SEQUENTIAL_GAP = 8  # a read this far past the last one in the folder still counts as in order
@@ -87,6 +89,7 @@ class PageFill:
         self.files = 0  # pushed, for `vm0fs status` and the tests
         self.bytes = 0
         self.rests = 0  # files whose rest was pushed at their first read
+        self._nursery: trio.Nursery | None = None  # run()'s, for the pushes of rests
 
     def read_from_start(self, state: Any, entry: int) -> None:
         """A read at offset 0 of the small file `entry` of a version whose data is all in.
@@ -129,7 +132,8 @@ class PageFill:
     async def rest_of_file(self, state: Any, entry: int, start: int) -> None:
         """Push the small file `entry` from `start` (a page boundary: what its first read
         asked for ends there) to its end, now, in a worker thread of its own (the push
-        threads may be busy with a folder). Skipped where a push could not be whole."""
+        threads may be busy with a folder); the read waits for it REST_WAIT at most. Skipped
+        where a push could not be whole, or when REST_QUEUED pushes already wait."""
         index = state.index
         if (not self.enabled or start % PAGE or not isinstance(index, TreeIndex)
                 or not state.data_ready):
@@ -138,13 +142,30 @@ class PageFill:
         if fd is None or sums is None:
             return
         size, offset = index.size(entry), index.offset(entry)
-        if size > REST_FILE_MAX:
+        if size > REST_FILE_MAX or self._rest_limiter.statistics().tasks_waiting >= REST_QUEUED:
             return
-        with self._pushing(state):
-            if await trio.to_thread.run_sync(push_rest, fd, sums, state.base + entry,
-                                             offset, start, size, self._push,
-                                             limiter=self._rest_limiter):
-                self.rests += 1
+        args = (state, fd, sums, state.base + entry, offset, start, size)
+        if self._nursery is None:  # not serving (the tests drive it directly)
+            await self._push_rest(*args)
+            return
+        # The push blocks while a page of the rest is locked by a READ in flight, which may be
+        # waiting for a free request task itself: this READ waits a little, never for good.
+        done = trio.Event()
+        self._nursery.start_soon(self._push_rest, *args, done)
+        with trio.move_on_after(REST_WAIT):
+            await done.wait()
+
+    async def _push_rest(self, state: Any, fd: int, sums: BlockSums, inode: int, offset: int,
+                         start: int, size: int, done: trio.Event | None = None) -> None:
+        try:
+            with self._pushing(state):
+                if await trio.to_thread.run_sync(push_rest, fd, sums, inode, offset, start,
+                                                 size, self._push,
+                                                 limiter=self._rest_limiter):
+                    self.rests += 1
+        finally:
+            if done is not None:
+                done.set()
 
     @contextlib.contextmanager
     def _pushing(self, state: Any) -> Iterator[None]:
@@ -172,13 +193,19 @@ class PageFill:
         self._wake.set()
 
     async def run(self) -> None:
-        """Push what the reads asked for, one job at a time (a task of the mount's nursery)."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._jobs and self.enabled:
-                await self._fill(self._jobs.popleft())
-            self._jobs.clear()
+        """Push what the reads asked for, one job at a time (a task of the mount's nursery);
+        the rests of files are pushed by tasks of its own nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    while self._jobs and self.enabled:
+                        await self._fill(self._jobs.popleft())
+                    self._jobs.clear()
+            finally:
+                self._nursery = None
 
     async def _fill(self, job: _Job) -> None:
         state, index = job.state, job.index
