@@ -347,6 +347,44 @@ def test_reads_are_served_while_the_archive_streams(tmp_path: Path) -> None:
     run(tmp_path, client, test)
 
 
+def test_a_version_another_process_published_first_keeps_our_copy_open_for_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another mount of the same cache published the version first: readers move to its copy,
+    and ours is closed once no read in flight uses it (it was closed at once: EBADF)."""
+    client = FakeClient()
+    client.add("a1", "big", [tar_gz({"a.txt": b"alpha", "b.txt": b"beta"})])
+    real_publish = Cache.publish
+    staged: list[int] = []
+    held: list[Any] = []
+
+    def publish_theirs(self: Cache, staging: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = real_publish(self, staging, *args, **kwargs)
+        staged.append(staging.fd)
+        (state,) = held[0].states.values()
+        state.reads_in_flight += 1  # a read of the staging copy, under way
+        return type(entry)(os.dup(entry.fd), entry.index, entry.size, entry.sums)
+
+    monkeypatch.setattr(Cache, "publish", publish_theirs)
+
+    async def test(h: Harness) -> None:
+        root = "artifacts/big/current"
+        held.append(h.store)
+        await h.listdir(root)  # until it is complete
+        (state,) = h.store.states.values()
+        while state.loading:
+            await trio.sleep(0.01)
+        (ours,) = staged
+        assert state.fd != ours and ours in state.retired
+        os.fstat(ours)  # still open for the read in flight
+        assert await h.read(f"{root}/b.txt") == b"beta"  # from their copy
+        state.reads_in_flight -= 1
+        state.close_retired()
+        with pytest.raises(OSError):
+            os.fstat(ours)
+
+    run(tmp_path, client, test)
+
+
 def test_one_download_for_many_concurrent_readers(tmp_path: Path) -> None:
     client = FakeClient()
     files = {f"f{i:02}.txt": f"file {i}\n".encode() * 100 for i in range(32)}

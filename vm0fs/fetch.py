@@ -89,9 +89,12 @@ class Fetch:
 
     async def run(self, max_version_bytes: int | None = None,
                   on_members: Callable[[], None] | None = None,
-                  on_step: Callable[[], None] = lambda: None) -> Entry:
+                  on_step: Callable[[], None] = lambda: None,
+                  retire: Callable[[int], None] = os.close) -> Entry:
         """Download, inflate, index and publish; `on_members` is called (on the event loop)
-        when `index` has grown, `on_step` whenever more bytes are there."""
+        when `index` has grown, `on_step` whenever more bytes are there. When another process
+        published the version first, `retire` gets the staging file's descriptor (reads may
+        still use it: the caller closes it once they are done)."""
         limit, limit_text = await trio.to_thread.run_sync(
             size_limit, self.cache, max_version_bytes, self.expected_size, self.file_count)
         staging = await trio.to_thread.run_sync(self.cache.stage, self.version_id)
@@ -162,7 +165,7 @@ class Fetch:
         self.fd = entry.fd
         if entry.fd != staging.fd:  # another process published it first: use theirs
             on_step()  # readers move to the published file before ours is closed
-            os.close(staging.fd)
+            retire(staging.fd)
         elapsed = max(time.monotonic() - started, 1e-6)
         log.info("version %s: %d members, download %s, unpacked %s in %.1f s (%s/s)",
                  self.version_id[:12], self.members, human(self.received), human(sink.written),

@@ -518,8 +518,12 @@ class VersionStore:
             state.fd, state.sums = fetch.fd, fetch.sums
             state.notify()
 
+        def retire(fd: int) -> None:  # reads in flight may hold it: closed after them
+            state.retired.append(fd)
+            state.close_retired()
+
         try:
-            entry = await fetch.run(self.max_version_bytes, state.notify, step)
+            entry = await fetch.run(self.max_version_bytes, state.notify, step, retire)
         finally:
             state.fetch = None
         state.fd, state.sums = entry.fd, entry.sums
