@@ -289,3 +289,25 @@ def test_a_first_read_waits_for_the_rest_of_its_file_a_little_never_for_good(
         with_fill(tmp_path, logs_client(), test)
     finally:
         release.set()
+
+
+def test_an_unexpected_failure_of_a_rest_push_turns_pushing_off_not_the_mount(
+        tmp_path: Path) -> None:
+    async def test(h: Harness, rec: Recorder) -> None:
+        numbers = await inodes(h)
+        by_number = {n: inode for inode, n in numbers.items()}
+
+        def broken(inode: int, offset: int, data: Any) -> None:
+            raise RuntimeError("a bug")
+
+        h.ops.fill._push = broken
+        data = await h.ops.read(by_number[5], 0, 16 << 10)
+        assert bytes(data) == body(5)[: 16 << 10]  # the read is answered all the same
+        for _ in range(300):
+            await trio.sleep(0.01)
+            if not h.ops.fill.enabled:
+                break
+        assert not h.ops.fill.enabled and h.ops.fill.rests == 0
+        assert await h.read(f"{ROOT}/logs/f002.log") == body(2)  # the mount goes on
+
+    with_fill(tmp_path, logs_client(), test)

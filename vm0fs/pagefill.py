@@ -163,6 +163,9 @@ class PageFill:
                                                  size, self._push,
                                                  limiter=self._rest_limiter):
                     self.rests += 1
+        except Exception:  # noqa: BLE001 - a task of the fill's nursery: never the mount's end
+            log.exception("pushing the rest of a file failed; pushing ahead is off")
+            self.enabled = False
         finally:
             if done is not None:
                 done.set()
